@@ -1,0 +1,47 @@
+"""Session-wide tiny models and tokenizers, built offline once per test run."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from posttrain.offline import build_qwen_tokenizer, tiny_causal_lm, train_bpe_tokenizer
+
+CORPUS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "Question: What is 12 + 30? Answer: 42",
+    "Reverse the word: posttrain -> niartttsop",
+    "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
+    "unicode: héllo wörld, naïve café, 日本語, emoji 🤗🚀",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama style: adds a BOS, has an EOS and no pad token."""
+    return train_bpe_tokenizer(CORPUS, vocab_size=384, add_bos=True, with_pad=False)
+
+
+@pytest.fixture(scope="session")
+def nobos_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen style: no BOS, EOS and a pad token."""
+    return train_bpe_tokenizer(CORPUS, vocab_size=384, add_bos=False, with_pad=True)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """The real Qwen2.5 vocabulary (151,665 tokens), built from qwen.tiktoken."""
+    return build_qwen_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(llama_tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    return tiny_causal_lm("llama", vocab_size=len(llama_tokenizer), hidden_size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(nobos_tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """Qwen2 with tied embeddings and attention biases, as Qwen2.5's small models have."""
+    return tiny_causal_lm(
+        "qwen2", vocab_size=len(nobos_tokenizer), hidden_size=32, tie_word_embeddings=True, seed=1
+    )
