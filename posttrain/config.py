@@ -1,0 +1,414 @@
+"""The `posttrain sft` configuration: one typed dataclass, filled from YAML and CLI flags.
+
+`SFTConfig` is the single source of truth for a run. Its fields (with their help
+strings) generate the command-line flags, every value read from a YAML file or a
+flag goes through the same type checks and range checks, and the resolved config is
+saved next to every checkpoint so that a run can be reproduced and resumed.
+
+Precedence: dataclass defaults < YAML file (`--config FILE`) < explicit CLI flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# Marks the two fields that have no default, so that the dataclass can keep the
+# declared field order (model and train_file first) and still report a clean
+# "missing" error instead of a TypeError from __init__.
+_REQUIRED: Any = None
+
+
+def _f(default: Any, help: str, required: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "required": required})
+
+
+@dataclass
+class SFTConfig:
+    """Every setting of a supervised fine-tuning run (see `posttrain sft --help`)."""
+
+    # --- data and model
+    model: str = _f(_REQUIRED, "path to a Hugging Face model directory", required=True)
+    train_file: str = _f(_REQUIRED, "training data (JSONL, JSON or Parquet)", required=True)
+    eval_file: str | None = _f(None, "evaluation data, same format as train_file")
+    output_dir: str = _f("runs/sft", "where checkpoints, metrics and the final model go")
+    prompt_field: str = _f("prompt", "record field holding the prompt")
+    response_field: str = _f(
+        "response", "record field holding the response ('completion' is also recognised)"
+    )
+    messages_field: str = _f("messages", "record field holding a chat (list of messages)")
+    max_seq_len: int = _f(2048, "maximum tokens per example")
+    truncation: Literal["truncate", "drop"] = _f(
+        "truncate", "what to do with examples longer than max_seq_len"
+    )
+    append_eos: bool = _f(True, "append the EOS token after each response")
+    # --- batch and schedule
+    micro_batch_size: int = _f(4, "examples per forward/backward pass (per device)")
+    grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+    max_steps: int | None = _f(None, "optimizer steps to run (none: derived from epochs)")
+    epochs: float = _f(1.0, "passes over the training data when max_steps is not set")
+    lr: float = _f(2e-5, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = _f(
+        "cosine", "learning-rate decay after warmup"
+    )
+    warmup_steps: int = _f(0, "linear warmup steps from 0 to lr")
+    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables clipping)")
+    loss_normalization: Literal["token", "sequence"] = _f(
+        "token", "average the loss over all response tokens, or per sequence then over sequences"
+    )
+    seed: int = _f(0, "random seed (data order, initialisation of anything random)")
+    # --- speed and memory
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "auto", "auto: bf16 autocast where the device supports it, else fp32"
+    )
+    gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
+    logprob_chunk_size: int | None = _f(
+        None, "tokens per chunk of the LM-head/loss computation (none: no chunking)"
+    )
+    head_matmul_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the LM-head matmul")
+    group_by_length: bool = _f(True, "batch examples of similar length to reduce padding")
+    # --- logging, evaluation, checkpoints
+    log_every: int = _f(1, "log metrics every N optimizer steps")
+    eval_every: int = _f(0, "evaluate every N steps (0: never)")
+    save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = _f(2, "number of most recent checkpoints to keep")
+    resume: bool = _f(False, "resume from the latest complete checkpoint in output_dir")
+    report_to: Literal["none", "wandb", "tensorboard"] = _f(
+        "none", "also send metrics to this tracker"
+    )
+    strategy: Literal["ddp", "fsdp"] = _f("ddp", "multi-GPU strategy under torchrun")
+    num_threads: int | None = _f(None, "CPU threads for torch (none: torch's default)")
+    overwrite: bool = _f(False, "allow writing into a non-empty output_dir")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        # Checked here rather than only in config_from_dict so that a config built in
+        # code (or by dataclasses.replace) is held to the same rules as one from YAML.
+        missing = [name for name in REQUIRED_FIELDS if getattr(self, name) is None]
+        if missing:
+            flags = ", ".join(_flag(name) for name in missing)
+            raise ValueError(
+                f"missing required setting(s) {', '.join(missing)}: pass {flags} or set "
+                "them in the YAML file given with --config"
+            )
+        for name in FIELDS:
+            setattr(self, name, _coerce(name, getattr(self, name)))
+        _validate(self)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(SFTConfig)}
+REQUIRED_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["required"])
+# Resolved once: with `from __future__ import annotations` the annotations are strings.
+_TYPES: dict[str, Any] = typing.get_type_hints(SFTConfig)
+
+
+# --------------------------------------------------------------------------- types
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); anything else -> (tp, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    base, optional = _unwrap_optional(tp)
+    if typing.get_origin(base) is Literal:
+        name = " | ".join(repr(a) for a in typing.get_args(base))
+    else:
+        name = base.__name__
+    return f"{name} | None" if optional else name
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check `value` against the type of field `name`, converting the lossless cases.
+
+    Strings are accepted for numbers and booleans because YAML 1.1 reads `2e-5` as a
+    string (it wants `2.0e-5`) and the CLI passes everything as text; bools are never
+    accepted as numbers, since `micro_batch_size: true` is surely a mistake.
+    """
+    tp = _TYPES[name]
+    base, optional = _unwrap_optional(tp)
+
+    def fail(reason: str = "") -> ValueError:
+        got = f"{type(value).__name__} {value!r}"
+        return ValueError(f"{name} must be {_type_name(tp)}, got {got}{reason}")
+
+    if value is None or (optional and isinstance(value, str) and value.lower() in _NONE):
+        if optional:
+            return None
+        raise fail()
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            raise ValueError(
+                f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+            )
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise fail()
+    if base is int:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    value_f = float(value)
+                except ValueError:
+                    raise fail() from None
+                if value_f.is_integer():
+                    return int(value_f)
+                raise fail() from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail()
+    if base is float:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, (int, float)):
+            result = float(value)
+        elif isinstance(value, str):
+            try:
+                result = float(value)
+            except ValueError:
+                raise fail() from None
+        else:
+            raise fail()
+        if not math.isfinite(result):
+            raise fail(" (must be finite)")
+        return result
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    raise TypeError(f"unsupported config field type for {name}: {tp}")  # a bug in SFTConfig
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_unknown(keys: typing.Iterable[str], source: str | None = None) -> None:
+    where = f" in {source}" if source else ""
+    for key in keys:
+        if key in FIELDS:
+            continue
+        key_str = str(key)
+        guess = difflib.get_close_matches(
+            key_str.replace("-", "_").lower(), list(FIELDS), n=1, cutoff=0.6
+        )
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        raise ValueError(
+            f"unknown config key {key_str!r}{where}{hint} (see `posttrain sft --help`)"
+        )
+
+
+def _validate(cfg: SFTConfig) -> None:
+    """Range and cross-field checks; each error names the field."""
+
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{name} {what}, got {getattr(cfg, name)!r}")
+
+    for name in ("model", "train_file", "output_dir"):
+        need(bool(getattr(cfg, name).strip()), name, "must not be empty")
+    for name in ("prompt_field", "response_field", "messages_field"):
+        need(bool(getattr(cfg, name)), name, "must not be empty")
+    for name in ("max_seq_len", "micro_batch_size", "grad_accum_steps", "log_every", "keep_last"):
+        need(getattr(cfg, name) >= 1, name, "must be >= 1")
+    for name in ("max_steps", "logprob_chunk_size", "num_threads"):
+        value = getattr(cfg, name)
+        need(value is None or value >= 1, name, "must be >= 1 (or none)")
+    for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm"):
+        need(getattr(cfg, name) >= 0, name, "must be >= 0")
+    need(cfg.epochs > 0, "epochs", "must be > 0")
+    need(cfg.lr > 0, "lr", "must be > 0")
+    need(cfg.adam_eps > 0, "adam_eps", "must be > 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        need(0.0 <= getattr(cfg, name) < 1.0, name, "must be in [0, 1)")
+    need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+    # numpy seeds must fit in 32 bits, and the same seed seeds every generator.
+    need(0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)")
+    if cfg.eval_every > 0 and cfg.eval_file is None:
+        raise ValueError(f"eval_every is {cfg.eval_every} but no eval_file is set")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError(
+            "resume and overwrite are mutually exclusive: overwrite would discard the "
+            "checkpoints that resume needs"
+        )
+
+
+# --------------------------------------------------------------------------- dict / YAML
+
+
+def config_from_dict(d: typing.Mapping[str, Any], source: str | None = None) -> SFTConfig:
+    """Build and validate an `SFTConfig` from a mapping of field name -> value.
+
+    Unknown keys are rejected with the closest valid name, values are type-checked
+    (and converted where lossless), and ranges are validated; every error is a
+    `ValueError` naming the field. `source` (a file name) is added to messages.
+    """
+    if not isinstance(d, typing.Mapping):
+        raise ValueError(f"config must be a mapping, got {type(d).__name__}")
+    _check_unknown(d, source)
+    try:
+        return SFTConfig(**d)
+    except ValueError as exc:
+        if source:
+            raise ValueError(f"{source}: {exc}") from None
+        raise
+
+
+def config_to_dict(cfg: SFTConfig) -> dict[str, Any]:
+    """The config as a plain dict, in field order (YAML- and JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config file into a dict (not yet validated; see `config_from_dict`).
+
+    An empty file is an empty mapping; anything but a mapping at the top level, or
+    invalid YAML, is a `ValueError` naming the file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: a config file must be a mapping of settings, got {type(data).__name__}"
+        )
+    for key in data:
+        if not isinstance(key, str):
+            raise ValueError(f"{path}: config keys must be strings, got {key!r}")
+    return data
+
+
+def save_config(cfg: SFTConfig, path: str | os.PathLike[str]) -> Path:
+    """Write the config as YAML (loadable with `--config`); written atomically."""
+    path = Path(path)
+    text = "# posttrain sft config\n" + yaml.safe_dump(
+        config_to_dict(cfg), sort_keys=False, default_flow_style=False
+    )
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _arg_type(name: str) -> typing.Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return _coerce(name, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = _type_name(_TYPES[name])  # argparse shows this in its errors
+    return convert
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `--config FILE` and one flag per `SFTConfig` field to `parser`.
+
+    Flags default to "not given" (they are absent from the parsed namespace), so that
+    only the flags actually passed override the YAML file. Booleans get
+    `--flag/--no-flag`, Literals get choices, optional numbers accept `none`.
+    """
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="YAML file of settings (keys as below, with underscores); flags override it",
+    )
+    group = parser.add_argument_group("training settings (also valid as YAML keys)")
+    for name, f in FIELDS.items():
+        tp = _TYPES[name]
+        base, optional = _unwrap_optional(tp)
+        if f.metadata["required"]:
+            default_text = "required"
+        else:
+            default_text = "default: " + ("none" if f.default is None else str(f.default))
+        # '%' would be read as a format specifier by argparse's help formatter.
+        help_text = f"{f.metadata['help']} ({default_text})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is Literal:
+            kwargs["choices"] = list(typing.get_args(base))
+        else:
+            kwargs["type"] = _arg_type(name)
+            kwargs["metavar"] = ("N" if base is int else "X" if base is float else "STR") + (
+                "|none" if optional else ""
+            )
+        group.add_argument(_flag(name), **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SFTConfig:
+    """Resolve the config: YAML file (if `--config`) overridden by the flags given."""
+    values: dict[str, Any] = {}
+    source = getattr(args, "config", None)
+    if source:
+        values = load_config(source)
+        _check_unknown(values, str(source))
+        # Type errors in the file are reported with its name; once flags are merged
+        # in, a bad value could come from either, so later errors name only the field.
+        for name, value in values.items():
+            try:
+                values[name] = _coerce(name, value)
+            except ValueError as exc:
+                raise ValueError(f"{source}: {exc}") from None
+    for name in FIELDS:
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+    return SFTConfig(**values)
