@@ -1,0 +1,479 @@
+"""Atomic, resumable checkpoints in Hugging Face format.
+
+Layout of a run directory::
+
+    OUTPUT_DIR/
+      checkpoints/
+        step-000010/            a complete checkpoint
+          config.json, model.safetensors, ...   model.save_pretrained()
+          tokenizer.json, tokenizer_config.json, ...   tokenizer.save_pretrained()
+          trainer_state.pt      optimizer, scheduler, RNG states, step, `extra`
+          config.yaml           the resolved SFTConfig
+          COMPLETE              marker, written last
+        step-000020/
+      final/                    the trained model (+ tokenizer, config.yaml, COMPLETE)
+
+A checkpoint is written into `step-000020.tmp-<pid>` next to its final place,
+fsynced, marked complete, and only then renamed into place. A kill at any point
+therefore leaves either no `step-*` directory or a complete one: `latest_checkpoint`
+only returns directories that carry the marker, and stale temporary directories
+are removed by the next successful save.
+
+Weights are restored with `load_model_weights` (or `AutoModelForCausalLM.from_pretrained`
+on the checkpoint directory); everything else with `load_trainer_state` and
+`restore_rng_state`. Only the main process should call the save functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import SFTConfig, config_from_dict, save_config
+
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+TRAINER_STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.yaml"
+COMPLETE_MARKER = "COMPLETE"
+STATE_FORMAT_VERSION = 1
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Temporary names made by this module: `<name>.tmp-<pid>` (being written) and
+# `<name>.old-<pid>` (a replaced directory awaiting deletion).
+_SCRATCH_DIR = re.compile(r"^(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def collect_rng_state() -> dict[str, Any]:
+    """The state of every random generator a training loop may draw from.
+
+    Stored with only tensors and builtin types so that `torch.load(weights_only=True)`
+    can read it back.
+    """
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional: nothing to save if it is not installed
+        pass
+    else:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    if hasattr(torch, "mps") and torch.backends.mps.is_available():
+        state["torch_mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the generators saved by `collect_rng_state`.
+
+    Accepts either that dict or a whole trainer state (whose "rng" entry is used).
+    Generators absent from `state` are left alone.
+    """
+    if "rng" in state:
+        state = state["rng"]
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "torch_cpu" in state:
+        torch.set_rng_state(state["torch_cpu"])
+    if "numpy" in state:
+        import numpy as np
+
+        np_state = state["numpy"]
+        np.random.set_state(
+            (
+                np_state["kind"],
+                np_state["keys"].numpy().astype(np.uint32),
+                np_state["pos"],
+                np_state["has_gauss"],
+                np_state["cached_gaussian"],
+            )
+        )
+    if "torch_cuda" in state and torch.cuda.is_available():
+        cuda_states = state["torch_cuda"]
+        if len(cuda_states) != torch.cuda.device_count():
+            # Restoring a subset would silently diverge; this is worth a loud error
+            # only if the caller cares, so restore what matches and say so.
+            import warnings
+
+            warnings.warn(
+                f"checkpoint has CUDA RNG states for {len(cuda_states)} devices, this "
+                f"process sees {torch.cuda.device_count()}; restoring the common ones",
+                stacklevel=2,
+            )
+        for index, device_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
+    if "torch_mps" in state and hasattr(torch, "mps") and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["torch_mps"])
+
+
+# --------------------------------------------------------------------------- helpers
+
+# What `torch.load(weights_only=True)` can rebuild. Checking this before saving turns
+# a resume-time failure (hours later) into an immediate error at the first save.
+_SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _check_loadable(value: Any, path: str) -> None:
+    # Exact types: subclasses such as numpy.float64 or torch's TorchVersion (a str)
+    # are pickled as their own class, which weights_only loading rejects.
+    if type(value) in _SAFE_LEAVES or isinstance(value, (torch.Tensor, torch.Size)):
+        return
+    if type(value) in (dict, OrderedDict):
+        for key, item in value.items():
+            if type(key) not in (str, int, float, bool, type(None)):
+                raise TypeError(f"{path} has a key of type {type(key).__name__}: {key!r}")
+            _check_loadable(item, f"{path}[{key!r}]")
+        return
+    if type(value) in (list, tuple, set):
+        for index, item in enumerate(value):
+            _check_loadable(item, f"{path}[{index}]")
+        return
+    raise TypeError(
+        f"{path} has type {type(value).__name__}, which a checkpoint cannot store safely; "
+        "use tensors, numbers, strings and lists/dicts of them"
+    )
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory entry; directories cannot be opened on Windows."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for filename in filenames:
+            _fsync_path(Path(dirpath) / filename)
+        _fsync_path(Path(dirpath))
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying model of a DDP / torch.compile wrapper."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _write_marker(directory: Path, info: dict[str, Any]) -> None:
+    marker = directory / COMPLETE_MARKER
+    with open(marker, "w", encoding="utf-8") as fh:
+        json.dump(info, fh)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_path(directory)
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` to `target`, replacing an existing `target`.
+
+    A directory cannot atomically replace a non-empty one, so an existing target is
+    first moved aside (it is then invisible to `latest_checkpoint`, which is fine: it
+    is being superseded by the same step) and deleted after the rename.
+    """
+    old = None
+    if target.exists():
+        old = target.with_name(f"{target.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    _fsync_path(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_scratch(parent: Path) -> None:
+    """Delete temporary directories left by interrupted saves (of any earlier process)."""
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        match = _SCRATCH_DIR.match(entry.name)
+        if match and entry.is_dir() and int(match["pid"]) != os.getpid():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _config_dict(config: SFTConfig | Mapping[str, Any] | None) -> SFTConfig | None:
+    if config is None or isinstance(config, SFTConfig):
+        return config
+    return config_from_dict(config)
+
+
+def _write_model_dir(
+    tmp: Path,
+    model: torch.nn.Module,
+    tokenizer: Any | None,
+    config: SFTConfig | Mapping[str, Any] | None,
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    # transformers 5 always writes safetensors (the `safe_serialization` switch is gone).
+    # Its per-shard tqdm bar would break into the training progress bar, so mute it.
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        unwrap_model(model).save_pretrained(tmp)
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    cfg = _config_dict(config)
+    if cfg is not None:
+        save_config(cfg, tmp / CONFIG_FILE)
+
+
+# --------------------------------------------------------------------------- save
+
+
+def checkpoint_dir(output_dir: str | os.PathLike[str], step: int) -> Path:
+    """Where the checkpoint of `step` lives (whether or not it exists)."""
+    return Path(output_dir) / CHECKPOINTS_DIR / f"step-{step:06d}"
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike[str],
+    step: int,
+    model: torch.nn.Module,
+    tokenizer: Any | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    config: SFTConfig | Mapping[str, Any] | None,
+    extra: Mapping[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write a complete checkpoint of `step` atomically and return its directory.
+
+    `extra` holds whatever else the loop needs to continue exactly (data position,
+    sampler state, token counts...): tensors, numbers, strings and containers of them.
+    After the save, all but the `keep_last` newest complete checkpoints are deleted
+    (`keep_last` defaults to `config.keep_last`; None keeps everything when there is
+    no config), as are temporary directories of earlier, interrupted saves.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    cfg = _config_dict(config)
+    if keep_last is None and cfg is not None:
+        keep_last = cfg.keep_last
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+
+    state: dict[str, Any] = {
+        "format_version": STATE_FORMAT_VERSION,
+        "step": int(step),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": collect_rng_state(),
+        "extra": dict(extra) if extra is not None else {},
+        "torch_version": str(torch.__version__),
+    }
+    _check_loadable(state, "trainer_state")
+
+    target = checkpoint_dir(output_dir, step)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_model_dir(tmp, model, tokenizer, cfg)
+        torch.save(state, tmp / TRAINER_STATE_FILE)
+        _fsync_tree(tmp)
+        # The marker goes last: its presence vouches for everything written before it.
+        _write_marker(tmp, {"step": int(step), "time": time.time()})
+        _move_into_place(tmp, target)
+    except BaseException:
+        # Includes KeyboardInterrupt; the partial directory would only be cleaned by
+        # the next save, so try now (a hard kill still leaves it for that cleanup).
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _clean_scratch(target.parent)
+    if keep_last is not None:
+        prune_checkpoints(output_dir, keep_last)
+    return target
+
+
+def save_final_model(
+    output_dir: str | os.PathLike[str],
+    model: torch.nn.Module,
+    tokenizer: Any | None,
+    config: SFTConfig | Mapping[str, Any] | None,
+) -> Path:
+    """Write the trained model (and tokenizer, config.yaml) to OUTPUT_DIR/final atomically."""
+    target = Path(output_dir) / FINAL_DIR
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_model_dir(tmp, model, tokenizer, config)
+        _fsync_tree(tmp)
+        _write_marker(tmp, {"final": True, "time": time.time()})
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _clean_scratch(target.parent)
+    return target
+
+
+# --------------------------------------------------------------------------- find / prune
+
+
+def is_complete(ckpt_dir: str | os.PathLike[str]) -> bool:
+    """Whether `ckpt_dir` is a finished checkpoint (its marker was written)."""
+    return (Path(ckpt_dir) / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """The complete checkpoints of a run, oldest step first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir() and is_complete(entry):
+            found.append((int(match[1]), entry))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The complete checkpoint with the highest step, or None if there is none."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def prune_checkpoints(output_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest complete checkpoints; return the deleted ones."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    doomed = list_checkpoints(output_dir)[:-keep_last]
+    for path in doomed:
+        # Remove the marker first so that a half-deleted directory never looks complete.
+        (path / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _require_complete(ckpt_dir: Path) -> None:
+    if not ckpt_dir.is_dir():
+        raise ValueError(f"checkpoint directory not found: {ckpt_dir}")
+    if not is_complete(ckpt_dir):
+        raise ValueError(
+            f"{ckpt_dir} is not a complete checkpoint (no {COMPLETE_MARKER} marker): "
+            "its save was interrupted"
+        )
+
+
+def load_trainer_state(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The trainer state of a checkpoint: step, optimizer, scheduler, rng, extra.
+
+    Loaded on the CPU with `weights_only=True` (`save_checkpoint` only stores types
+    that allow it), so a tampered file cannot run code. Pass `state["optimizer"]` to
+    `optimizer.load_state_dict` (it moves tensors to the parameters' device).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    _require_complete(ckpt_dir)
+    state = torch.load(ckpt_dir / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
+    version = state.get("format_version")
+    if version != STATE_FORMAT_VERSION:
+        raise ValueError(
+            f"{ckpt_dir / TRAINER_STATE_FILE} has format version {version}, this posttrain "
+            f"reads version {STATE_FORMAT_VERSION}"
+        )
+    return state
+
+
+def load_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> SFTConfig:
+    """The SFTConfig saved with a checkpoint (or the final model)."""
+    from posttrain.config import load_config
+
+    path = Path(ckpt_dir) / CONFIG_FILE
+    return config_from_dict(load_config(path), source=str(path))
+
+
+def _weight_files(ckpt_dir: Path) -> list[Path]:
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [ckpt_dir / name for name in sorted(set(weight_map.values()))]
+    single = ckpt_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ValueError(f"no model.safetensors (or sharded index) in {ckpt_dir}")
+
+
+def load_model_weights(model: torch.nn.Module, ckpt_dir: str | os.PathLike[str]) -> None:
+    """Load a checkpoint's safetensors weights into `model`, in place and strictly.
+
+    `save_pretrained` stores a tied parameter (e.g. lm_head tied to the embeddings)
+    once; a key is allowed to be missing only if it shares storage with one that was
+    loaded. Any other missing or unexpected key is a `ValueError`.
+    """
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    model = unwrap_model(model)
+    loaded: dict[str, torch.Tensor] = {}
+    for path in _weight_files(ckpt_dir):
+        loaded.update(load_file(str(path), device="cpu"))
+
+    own = model.state_dict()
+    unexpected = sorted(set(loaded) - set(own))
+    missing = set(own) - set(loaded)
+    loaded_ptrs = {own[key].data_ptr() for key in loaded if key in own}
+    untied_missing = sorted(key for key in missing if own[key].data_ptr() not in loaded_ptrs)
+    if unexpected or untied_missing:
+        raise ValueError(
+            f"weights in {ckpt_dir} do not match the model: missing {untied_missing[:10]}, "
+            f"unexpected {unexpected[:10]}"
+        )
+    result = model.load_state_dict(loaded, strict=False)
+    # Only the tied aliases may remain missing (checked above); load_state_dict's own
+    # report is kept as a second guard against a key we failed to account for.
+    leftover = [key for key in result.missing_keys if key not in missing]
+    if leftover or result.unexpected_keys:
+        raise ValueError(f"weights in {ckpt_dir} do not match the model: {result}")
