@@ -1,0 +1,216 @@
+"""SFTConfig: YAML + flags precedence, unknown keys, type and range errors, --help, round trip."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import (
+    SFTConfig,
+    add_config_arguments,
+    config_from_args,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+REQUIRED = {"model": "models/tiny", "train_file": "data/train.jsonl"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    return add_config_arguments(argparse.ArgumentParser(prog="posttrain sft"))
+
+
+def _resolve(argv: list[str]) -> SFTConfig:
+    return config_from_args(_parser().parse_args(argv))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_match_the_spec() -> None:
+    cfg = config_from_dict(REQUIRED)
+    assert (cfg.micro_batch_size, cfg.grad_accum_steps, cfg.max_steps) == (4, 1, None)
+    assert (cfg.lr, cfg.lr_scheduler, cfg.loss_normalization) == (2e-5, "cosine", "token")
+    assert (cfg.output_dir, cfg.max_seq_len, cfg.keep_last, cfg.progress) == (
+        "runs/sft",
+        2048,
+        2,
+        True,
+    )
+    for f in dataclasses.fields(SFTConfig):
+        assert f.metadata["help"], f"{f.name} has no help string"
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "model: from-yaml\ntrain_file: t.jsonl\nlr: 1.0e-4\nmicro_batch_size: 8\nseed: 3\n"
+        "group_by_length: false\n",
+    )
+    cfg = _resolve(["--config", str(path), "--lr", "3e-4", "--model", "from-flag", "--resume"])
+    assert cfg.model == "from-flag"  # flag beats YAML
+    assert cfg.lr == 3e-4
+    assert cfg.micro_batch_size == 8  # YAML beats default
+    assert cfg.seed == 3
+    assert cfg.group_by_length is False
+    assert cfg.resume is True  # flag only
+    assert cfg.grad_accum_steps == 1  # default
+    # A boolean flag can switch off what the YAML switched on.
+    path2 = _write(tmp_path, "model: m\ntrain_file: t\nprogress: true\n")
+    assert _resolve(["--config", str(path2), "--no-progress"]).progress is False
+
+
+def test_unknown_key_suggests_the_closest_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"did you mean 'micro_batch_size'\?"):
+        config_from_dict({**REQUIRED, "micro_batch": 2})
+    path = _write(tmp_path, "model: m\ntrain_file: t\nlearning_rat: 1.0e-4\nepoch: 2\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'learning_rat' in .*run\.yaml"):
+        _resolve(["--config", str(path)])
+    with pytest.raises(ValueError, match=r"'epoch'.*did you mean 'epochs'"):
+        config_from_dict({**REQUIRED, "epoch": 2})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "pattern"),
+    [
+        ("micro_batch_size", "four", r"micro_batch_size must be int"),
+        ("micro_batch_size", True, r"micro_batch_size must be int, got bool"),
+        ("micro_batch_size", 2.5, r"micro_batch_size must be int"),
+        ("lr", [1], r"lr must be float"),
+        ("lr", "nan", r"lr must be float.*finite"),
+        ("append_eos", "maybe", r"append_eos must be bool"),
+        ("loss_normalization", "mean", r"loss_normalization must be one of 'token', 'sequence'"),
+        ("model", 42, r"model must be str"),
+        ("max_seq_len", None, r"max_seq_len must be int"),
+    ],
+)
+def test_type_errors_name_the_field(key: str, value: object, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        config_from_dict({**REQUIRED, key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("micro_batch_size", 0),
+        ("grad_accum_steps", -1),
+        ("lr", 0),
+        ("epochs", 0),
+        ("max_steps", 0),
+        ("warmup_steps", -1),
+        ("adam_beta2", 1.0),
+        ("min_lr_ratio", 1.5),
+        ("max_grad_norm", -0.1),
+        ("keep_last", 0),
+        ("seed", -1),
+    ],
+)
+def test_range_errors_name_the_field(key: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"^{key} must"):
+        config_from_dict({**REQUIRED, key: value})
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ValueError, match=r"eval_every.*no eval_file"):
+        config_from_dict({**REQUIRED, "eval_every": 10})
+    with pytest.raises(ValueError, match="resume and overwrite"):
+        config_from_dict({**REQUIRED, "resume": True, "overwrite": True})
+
+
+def test_lossless_conversions() -> None:
+    # YAML 1.1 reads `2e-5` as a string; the CLI passes text; `none` clears an optional.
+    cfg = config_from_dict({**REQUIRED, "lr": "2e-5", "max_steps": "1_000", "eval_file": None})
+    assert cfg.lr == 2e-5 and cfg.max_steps == 1000
+    cfg = config_from_dict({**REQUIRED, "epochs": 2, "max_steps": 100.0, "append_eos": "no"})
+    assert cfg.epochs == 2.0 and isinstance(cfg.epochs, float)
+    assert cfg.max_steps == 100 and isinstance(cfg.max_steps, int)
+    assert cfg.append_eos is False
+    assert _resolve(["--model", "m", "--train-file", "t", "--max-steps", "none"]).max_steps is None
+
+
+def test_missing_required_fields_give_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"missing required setting\(s\) model, train_file"):
+        _resolve([])
+    with pytest.raises(ValueError, match=r"train_file: pass --train-file"):
+        _resolve(["--model", "m"])
+
+
+def test_bad_yaml_files_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match=r"run\.yaml: invalid YAML"):
+        load_config(_write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ValueError, match=r"run\.yaml: a config file must be a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+    assert load_config(_write(tmp_path, "")) == {}
+    with pytest.raises(ValueError, match=r"run\.yaml: micro_batch_size must be int"):
+        _resolve(["--config", str(_write(tmp_path, "micro_batch_size: lots\n"))])
+
+
+def test_bad_flag_values_are_argparse_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--micro-batch-size", "1.5"])
+    assert "--micro-batch-size: micro_batch_size must be int" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--loss-normalization", "mean"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_its_default() -> None:
+    parser = _parser()
+    text = " ".join(parser.format_help().split())  # undo argparse's line wrapping
+    required_flags = [
+        "--config",
+        "--model",
+        "--train-file",
+        "--eval-file",
+        "--output-dir",
+        "--prompt-field",
+        "--response-field",
+        "--max-seq-len",
+        "--micro-batch-size",
+        "--grad-accum-steps",
+        "--max-steps",
+        "--epochs",
+        "--lr",
+        "--loss-normalization {token,sequence}",
+        "--seed",
+        "--resume",
+        "--save-every",
+        "--eval-every",
+    ]
+    for flag in required_flags:
+        assert flag in text, flag
+    flags = {s for action in parser._actions for s in action.option_strings}
+    for f in dataclasses.fields(SFTConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in flags
+        action = next(a for a in parser._actions if flag in a.option_strings)
+        if f.metadata["required"]:
+            assert "(required)" in action.help
+        else:
+            shown = "none" if f.default is None else str(f.default)
+            assert f"(default: {shown})" in action.help, f.name
+    assert "--no-resume" in flags and "--no-append-eos" in flags
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    cfg = config_from_dict(
+        {**REQUIRED, "lr": 3e-4, "max_steps": 7, "eval_file": "e.jsonl", "eval_every": 2}
+    )
+    path = save_config(cfg, tmp_path / "config.yaml")
+    assert config_from_dict(load_config(path)) == cfg
+    assert _resolve(["--config", str(path)]) == cfg
+    assert config_to_dict(cfg)["max_steps"] == 7
+    assert list(config_to_dict(cfg))[:2] == ["model", "train_file"]
+    # A config built in code is validated like one read from YAML.
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        dataclasses.replace(cfg, lr=-1.0)
