@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
-# subcommand -> module in posttrain.cli; each module defines `add_arguments(parser)`
-# and `run(args) -> int`, and is imported only when its subcommand runs.
-SUBCOMMANDS = {}
+# subcommand -> (module in posttrain.cli, help); each module defines
+# `add_arguments(parser)` and `run(args) -> int`.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "sft": ("sft", "supervised fine-tuning of a causal LM on prompt/response data"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,5 +22,18 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"posttrain.cli.{module_name}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    # Under torchrun only rank 0 talks; the others log warnings and errors.
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
     module = importlib.import_module(f"posttrain.cli.{SUBCOMMANDS[args.command][0]}")
-    return module.run(args)
+    try:
+        return module.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # User errors (bad data, config, paths) are reported in one line; set
+        # POSTTRAIN_TRACEBACK=1 to see where one came from.
+        if os.environ.get("POSTTRAIN_TRACEBACK"):
+            raise
+        print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
