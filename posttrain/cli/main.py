@@ -30,10 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"posttrain.cli.{SUBCOMMANDS[args.command][0]}")
     try:
         return module.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # User errors (bad data, config, paths) are reported in one line; set
-        # POSTTRAIN_TRACEBACK=1 to see where one came from.
-        if os.environ.get("POSTTRAIN_TRACEBACK"):
+    except Exception as exc:
+        # User errors (bad data, config, paths, a diverged run) are reported in one
+        # line; anything else is a bug and keeps its traceback. POSTTRAIN_TRACEBACK=1
+        # shows where a user error came from.
+        user_error = isinstance(exc, (ValueError, FileNotFoundError)) or getattr(
+            exc, "user_facing", False
+        )
+        if not user_error or os.environ.get("POSTTRAIN_TRACEBACK"):
             raise
         print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
