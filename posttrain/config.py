@@ -368,7 +368,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--config",
         metavar="FILE",
         default=None,
-        help="YAML file of settings (keys as below, with underscores); flags override it",
+        help="YAML file of settings (keys as below, with underscores); flags override it "
+        "(default: none)",
     )
     group = parser.add_argument_group("training settings (also valid as YAML keys)")
     for name, f in FIELDS.items():
