@@ -363,7 +363,8 @@ def encode_records(
     response without), then the EOS id when `config.append_eos` (not when the response
     already ends with it). Chats: `chat_segments`, all pieces tokenized in one batched call
     without special tokens (templates write their own, as `apply_chat_template` does);
-    the EOS id follows an assistant turn that does not already end with it.
+    the EOS id follows an assistant turn that does not already end with it, and tokens
+    after the last trained one are left out.
     """
     eos = _eos_id(tokenizer) if config.append_eos else None
     out: list[TokenizedExample | None] = [None] * len(records)
@@ -401,6 +402,12 @@ def encode_records(
                     piece.append(eos)
                 ids += piece
                 mask += [int(trained)] * len(piece)
+            # Tokens after the last trained one (the template's closing newline, a final
+            # user turn) cannot change any trained prediction: cut them, so the
+            # sequence ends at the last turn's end token (and EOS).
+            while mask and not mask[-1] and 1 in mask:
+                ids.pop()
+                mask.pop()
             assistant = [m for m in records[i].messages or () if m["role"] == "assistant"]
             out[i] = TokenizedExample(
                 input_ids=ids,
@@ -458,19 +465,19 @@ def ends_with_eos(example: TokenizedExample, eos_token_id: int | None) -> bool:
     )
 
 
-def tokenize_records(
-    records: Sequence[Record],
+def build_data_report(
+    encoded: Sequence[TokenizedExample],
+    kept: Sequence[TokenizedExample],
+    dropped: Sequence[TokenizedExample],
     tokenizer: PreTrainedTokenizerBase,
     config: SFTConfig,
     path: str | os.PathLike[str] = "",
-) -> tuple[list[TokenizedExample], DataReport]:
-    """`encode_records` then `apply_max_seq_len`, with a `DataReport` of the counts."""
-    encoded = encode_records(records, tokenizer, config)
-    kept, dropped = apply_max_seq_len(encoded, config.max_seq_len, config.truncation)
+) -> DataReport:
+    """Count what `apply_max_seq_len` did to `encoded` (full length) -> (`kept`, `dropped`)."""
     eos = tokenizer.eos_token_id
-    report = DataReport(
+    return DataReport(
         path=str(path),
-        num_records=len(records),
+        num_records=len(encoded),
         num_examples=len(kept),
         num_chat=sum(e.is_chat for e in encoded),
         num_over_max_len=sum(len(e) > config.max_seq_len for e in encoded),
@@ -484,7 +491,18 @@ def tokenize_records(
         truncation=config.truncation,
         dropped_sources=[e.source for e in dropped[:5]],
     )
-    return kept, report
+
+
+def tokenize_records(
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    config: SFTConfig,
+    path: str | os.PathLike[str] = "",
+) -> tuple[list[TokenizedExample], DataReport]:
+    """`encode_records` then `apply_max_seq_len`, with a `DataReport` of the counts."""
+    encoded = encode_records(records, tokenizer, config)
+    kept, dropped = apply_max_seq_len(encoded, config.max_seq_len, config.truncation)
+    return kept, build_data_report(encoded, kept, dropped, tokenizer, config, path)
 
 
 def load_dataset_for_training(

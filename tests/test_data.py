@@ -170,10 +170,12 @@ def test_chat_loss_covers_assistant_content_and_end_token_only(
     ]
     context = qwen_tokenizer.decode(ex.input_ids[: ex.prompt_len])
     assert context.endswith("<|im_start|>assistant\n")
-    # Untrained plus trained tokens rebuild the whole rendering.
+    # Untrained plus trained tokens rebuild the rendering, less its final newline
+    # (nothing is trained after it), and the sequence ends with the EOS.
     rendered = qwen_tokenizer.apply_chat_template(CHAT, tokenize=False)
     no_eos = [t for t in ex.input_ids if t != qwen_tokenizer.eos_token_id]
-    assert qwen_tokenizer.decode(no_eos) == rendered
+    assert qwen_tokenizer.decode(no_eos) + "\n" == rendered
+    assert ex.input_ids[-1] == qwen_tokenizer.eos_token_id and ex.loss_mask[-1] == 1
 
     # A tokenizer whose EOS is the template's end token gets no second end token.
     tok = train_bpe_tokenizer(CORPUS, vocab_size=384, add_bos=True)
