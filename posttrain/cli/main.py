@@ -12,6 +12,7 @@ import sys
 # `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("sft", "supervised fine-tuning of a causal LM on prompt/response data"),
+    "inspect": ("inspect_data", "show the data as posttrain sft sees it: tokens, masks, stats"),
 }
 
 
