@@ -1,0 +1,195 @@
+"""`posttrain demo` and `posttrain generate`: the task, the tokenizer, a short run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.cli.main import main
+from posttrain.demo import (
+    MARKER_FILE,
+    MAX_LETTERS,
+    MIN_LETTERS,
+    PROMPT_PREFIX,
+    PROMPT_SUFFIX,
+    DemoError,
+    make_reversal_examples,
+    prepare_output_dir,
+    reversal_prompt,
+    run_demo,
+    train_char_tokenizer,
+)
+from posttrain.generation import greedy_generate
+
+# Long enough for accuracy to climb far above the untrained model's ~0% (about 60-70%
+# at 150 steps; the full demo runs 400), short enough for about 30 s on two busy cores.
+SHORT_STEPS = 150
+NUM_EVAL = 100
+
+
+# --------------------------------------------------------------------------- the task
+
+
+def word_of(prompt: str) -> str:
+    assert prompt.startswith(PROMPT_PREFIX) and prompt.endswith(PROMPT_SUFFIX)
+    return prompt[len(PROMPT_PREFIX) : -len(PROMPT_SUFFIX)]
+
+
+def test_reversal_examples_are_correct_and_held_out() -> None:
+    train, held_out = make_reversal_examples(2000, 200, seed=3)
+    assert len(train) == 2000 and len(held_out) == 200
+    for row in train + held_out:
+        word = word_of(row["prompt"])
+        assert MIN_LETTERS <= len(word) <= MAX_LETTERS
+        assert word.isalpha() and word.islower()
+        assert row["response"] == word[::-1]
+    train_words = {word_of(r["prompt"]) for r in train}
+    assert len(train_words) == len(train)
+    assert not train_words & {word_of(r["prompt"]) for r in held_out}
+    assert {len(w) for w in train_words} == set(range(MIN_LETTERS, MAX_LETTERS + 1))
+
+
+def test_reversal_examples_are_deterministic_per_seed() -> None:
+    assert make_reversal_examples(500, 50, seed=7) == make_reversal_examples(500, 50, seed=7)
+    assert make_reversal_examples(500, 50, seed=7) != make_reversal_examples(500, 50, seed=8)
+
+
+def test_char_tokenizer_splits_exactly_at_the_prompt_boundary() -> None:
+    train, _ = make_reversal_examples(300, 1, seed=0)
+    tok = train_char_tokenizer(r["prompt"] + r["response"] for r in train)
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None
+    assert tok.pad_token_id != tok.eos_token_id
+    prompt, response = reversal_prompt("stressed"), "desserts"
+    p, r = tok(prompt)["input_ids"], tok(response, add_special_tokens=False)["input_ids"]
+    assert p + r == tok(prompt + response)["input_ids"]
+    assert len(p) == len(prompt) and len(r) == len(response)
+    assert tok.decode(p + r + [tok.eos_token_id], skip_special_tokens=True) == prompt + response
+    # Same data, same ids: a rerun with the same seed builds the same tokenizer.
+    assert (
+        tok.get_vocab()
+        == train_char_tokenizer(r["prompt"] + r["response"] for r in train).get_vocab()
+    )
+
+
+def test_output_dir_is_never_mixed_or_wrongly_deleted(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    prepare_output_dir(run, overwrite=False)  # new: created
+    (run / MARKER_FILE).write_text("{}")
+    with pytest.raises(DemoError, match="--overwrite"):
+        prepare_output_dir(run, overwrite=False)
+    prepare_output_dir(run, overwrite=True)
+    assert run.is_dir() and not any(run.iterdir())
+
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(DemoError, match="not deleting"):
+        prepare_output_dir(other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DemoError, match="--max-steps"):
+        run_demo(tmp_path / "run", max_steps=0, echo=None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--output-dir", "--seed", "--max-steps", "--overwrite"):
+        assert flag in text
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--prompt", "--max-new-tokens"):
+        assert flag in text
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One shortened demo, shared by the tests below (about 30 s)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    threads = torch.get_num_threads()
+    summary = run_demo(out, seed=0, max_steps=SHORT_STEPS, progress=False, num_eval=NUM_EVAL)
+    assert torch.get_num_threads() == threads  # the demo's thread setting doesn't leak
+    return out, summary
+
+
+def test_short_demo_learns_the_task(demo_run: tuple[Path, dict]) -> None:
+    out, summary = demo_run
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "final_loss", "train_seconds"):
+        assert key in on_disk
+    assert on_disk["accuracy_before"] == summary["accuracy_before"]
+    assert summary["accuracy_before"] <= 0.05
+    assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.3, summary
+    assert summary["steps"] == SHORT_STEPS
+    for name in ("train.jsonl", "eval.jsonl", "metrics.jsonl", "final", "base_model"):
+        assert (out / name).exists(), name
+    assert summary["plot_path"] and Path(summary["plot_path"]).is_file()
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == NUM_EVAL and set(rows[0]) == {"prompt", "response"}
+
+
+def test_final_model_loads_with_auto_classes(demo_run: tuple[Path, dict]) -> None:
+    out, _ = demo_run
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.model_type in ("llama", "qwen2")
+    assert tokenizer.eos_token_id == model.config.eos_token_id
+
+
+def test_second_run_into_same_dir_asks_for_overwrite(
+    demo_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = demo_run
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["demo", "--output-dir", str(out), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and str(out) in err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_generate_prints_the_completion_up_to_eos(
+    demo_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = demo_run
+    prompt = reversal_prompt("stressed")
+    assert main(["generate", "--model", str(out / "final"), "--prompt", prompt]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n") and printed.count("\n") == 1
+    completion = printed[:-1]
+    assert "</s>" not in completion
+
+    # The completion is exactly the greedy tokens before the first EOS, by a plain
+    # argmax loop that doesn't stop there.
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    ids = tokenizer(prompt)["input_ids"]
+    new_ids: list[int] = []
+    with torch.inference_mode():
+        for _ in range(20):
+            logits = model(input_ids=torch.tensor([ids + new_ids])).logits
+            new_ids.append(int(logits[0, -1].argmax()))
+    assert tokenizer.eos_token_id in new_ids, "the trained model should emit EOS"
+    cut = new_ids.index(tokenizer.eos_token_id)
+    assert completion == tokenizer.decode(new_ids[:cut])
+    assert greedy_generate(model, tokenizer, [prompt])[0] == completion
+
+
+def test_generate_reports_a_missing_model_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
