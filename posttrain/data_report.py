@@ -356,7 +356,8 @@ def render_plain(view: ExampleView) -> str:
 def render_rich(view: ExampleView) -> Text:
     """The view for a terminal: each token coloured by role, shades alternating from
     token to token; newlines shown as `↵` and kept; padding collapsed to `<pad> x N`."""
-    text = Text(_header(view) + "\n", style="bold")
+    text = Text()
+    text.append(_header(view) + "\n", style="bold")
     for k, cell in enumerate(view.tokens):
         style = RICH_STYLES[cell.role][k % 2]
         if cell.role == "pad":

@@ -66,6 +66,11 @@ def lower_percentile(values: list[int], p: int) -> int:
     return s[math.floor(p / 100 * (len(s) - 1))]
 
 
+def text_header_is_bold(text: Text) -> bool:
+    first = text.spans[0]
+    return first.style == "bold" and " trained" in text.plain[: first.end].splitlines()[0]
+
+
 def test_statistics_are_exact(tmp_path: Path, nobos_tokenizer: PreTrainedTokenizerFast) -> None:
     tok = nobos_tokenizer
     prompt_lens = [n_tokens(tok, r["prompt"], True) for r in ROWS]
@@ -157,11 +162,12 @@ def test_view_marks_exactly_the_collated_response_mask(
             assert (roles[j] == "eos") == (mask[row, j - 1] == 1 and view.tokens[j].id == pad)
         assert [c.id for c in view.tokens[: len(example)]] == example.input_ids
 
-        # The terminal view: one styled span per shown token, styles by role.
+        # The terminal view: a header, then one styled span per shown token, styled by role.
+        assert text_header_is_bold(render_rich(view))
         style_role = {s: r for r, styles in RICH_STYLES.items() for s in styles}
         text = render_rich(view)
         assert isinstance(text, Text)
-        spans = [(style_role[s.style], text.plain[s.start : s.end]) for s in text.spans]
+        spans = [(style_role[s.style], text.plain[s.start : s.end]) for s in text.spans[1:]]
         shown = [(c.role, c.text.replace("\n", "↵\n")) for c in view.tokens if c.role != "pad"]
         n_pad = roles.count("pad")
         assert spans == shown + ([("pad", f"<pad> x {n_pad}")] if n_pad else [])
