@@ -67,6 +67,10 @@ _HEAD_FAMILIES: dict[str, str] = {
     "GraniteForCausalLM": "divide",
 }
 
+# Below this a label's probability has lost relative precision (float32 subnormals
+# start at 1.2e-38), so its row's log-sum-exp is recomputed directly.
+_TINY_PROB = 1e-30
+
 _fallback_logged: set[str] = set()
 
 
@@ -259,24 +263,25 @@ class _Projector:
 
 
 def _chunk_stats(
-    z: torch.Tensor, labels: torch.Tensor, scratch: torch.Tensor | None
+    z: torch.Tensor, labels: torch.Tensor, scratch: torch.Tensor, entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Log-sum-exp, label logit and (if scratch is given) entropy of each row of z.
+    """Log-sum-exp, label logit and (if asked) entropy of each row of z.
 
-    z: (n, vocab) logits, overwritten. scratch: (n, vocab) buffer or None.
-    Returns (lse, label_logit, entropy) of shape (n,) each.
+    z: (n, vocab) logits; scratch: (n, vocab) buffer, overwritten.
+    Returns (lse, label_logit, entropy or None) of shape (n,) each.
     """
     label_logit = z.gather(1, labels[:, None]).squeeze(1)
-    if scratch is None:
-        m = z.amax(dim=1)
-        s = z.sub_(m[:, None]).exp_().sum(dim=1)
-        return m + s.log(), label_logit, None
     # One fused softmax pass instead of separate max/sub/exp passes over the chunk
-    # (these elementwise passes cost as much as the matmul on CPU). The largest
-    # probability is at least 1/vocab, so lse = max - log(p_max) loses no precision.
-    m, where = z.max(dim=1)
+    # (on CPU each elementwise pass costs a good fraction of the matmul). Then
+    # lse = z_y - log p_y, exact unless p_y underflows; those rare rows are redone.
     p = torch.softmax(z, dim=1, out=scratch)
-    lse = m - p.gather(1, where[:, None]).squeeze(1).log()
+    p_label = p.gather(1, labels[:, None]).squeeze(1)
+    lse = label_logit - p_label.log()
+    tiny = p_label < _TINY_PROB
+    if bool(tiny.any()):
+        lse[tiny] = torch.logsumexp(z[tiny], dim=1)
+    if not entropy:
+        return lse, label_logit, None
     mean_z = p.mul_(z).sum(dim=1)
     return lse, label_logit, lse - mean_z
 
@@ -304,15 +309,13 @@ class _ChunkedLogProbs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             proj = _Projector(hidden.dtype, weight, bias, cdtype, rows, logit_scale, softcap)
             buf = torch.empty(rows, vocab, dtype=cdtype, device=hidden.device)
-            scratch = torch.empty_like(buf) if return_entropy else None
+            scratch = torch.empty_like(buf)
             for r0 in range(0, n_rows, rows):
                 r1 = min(r0 + rows, n_rows)
                 n = r1 - r0
                 z = buf[:n]
                 proj.logits(hidden[r0:r1], z, None)
-                c_lse, c_label, c_ent = _chunk_stats(
-                    z, labels[r0:r1], None if scratch is None else scratch[:n]
-                )
+                c_lse, c_label, c_ent = _chunk_stats(z, labels[r0:r1], scratch[:n], return_entropy)
                 lse[r0:r1] = c_lse
                 log_probs[r0:r1] = c_label - c_lse
                 if entropy is not None:

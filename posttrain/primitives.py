@@ -268,14 +268,24 @@ def get_response_log_probs(
     return_token_entropy: bool = False,
     *,
     attention_mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    lean: bool = True,
 ) -> dict[str, Tensor]:
     """Per-token log p(label | prefix) from a causal LM, unmasked.
+
+    By default the (batch, seq, vocab) logits are never built: when the model's head
+    is a plain linear projection (`posttrain.chunked.find_linear_head`), log-probs and
+    entropy are computed chunk by chunk through it, with exact gradients; other
+    models fall back, with one log line, to the full-logits path.
 
     Args:
         model: any Hugging Face causal LM, on the device of `input_ids`.
         input_ids: (batch, seq) int64. labels: (batch, seq) int64, the shifted targets.
         return_token_entropy: also return the entropy of each next-token distribution.
         attention_mask: optional (batch, seq), 1 on real tokens.
+        chunk_size: rows of logits per chunk on the lean path; None picks it from a
+            memory budget (`posttrain.chunked.default_chunk_size`).
+        lean: False forces the full-logits path.
 
     Returns:
         {"log_probs": (batch, seq) float32} plus "token_entropy": (batch, seq) float32 when
@@ -297,6 +307,19 @@ def get_response_log_probs(
     vocab = model_vocab_size(model)
     check_token_ids("labels", labels, vocab)
     check_token_ids("input_ids", input_ids, int(model.get_input_embeddings().weight.shape[0]))
+    if lean:
+        from posttrain.chunked import lean_response_log_probs
+
+        result = lean_response_log_probs(
+            model,
+            input_ids,
+            labels,
+            attention_mask=attention_mask,
+            return_token_entropy=return_token_entropy,
+            chunk_size=chunk_size,
+        )
+        if result is not None:
+            return result
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     result = {"log_probs": log_probs_from_logits(logits, labels)}
     if return_token_entropy:

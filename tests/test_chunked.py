@@ -159,6 +159,21 @@ def test_float32_matches_full_logits_within_1e5(bias: bool) -> None:
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_logits_where_the_label_probability_underflows(dtype: torch.dtype) -> None:
+    # Logits spread over hundreds of nats: exp() of some label logits underflows to 0.
+    hidden, weight, b, labels = make(12, 4, 50, dtype, seed=5)
+    hidden, weight, b = leaf(hidden * 150, weight, b)
+    ref_lp, ref_ent = reference(*(t.double() for t in (hidden, weight, b)), labels)
+    assert (ref_lp < -120).any() and (ref_lp > -1).any()
+    lp, ent = chunked_log_probs(hidden, weight, b, labels, return_entropy=True, chunk_size=5)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-4)
+    grads = _grads(lp.sum() + ent.sum(), hidden, weight, b)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
@@ -405,3 +420,46 @@ def test_gemma2_without_softcap_is_plain() -> None:
     model = tiny_family_model("gemma2", final_logit_softcapping=None)
     head = find_linear_head(model)
     assert head is not None and head.softcap is None and head.logit_scale == 1.0
+
+
+# --------------------------------------------------------------------------- integration
+
+
+def test_get_response_log_probs_defaults_to_the_lean_path(
+    tiny_qwen2: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from posttrain.primitives import get_response_log_probs
+
+    calls: list[int | None] = []
+    real = chunked.lean_response_log_probs
+
+    def spy(*args: object, **kwargs: object):
+        calls.append(kwargs.get("chunk_size"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "lean_response_log_probs", spy)
+    ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(4))
+    labels = ids.roll(-1, dims=1)
+    params = list(tiny_qwen2.parameters())
+    lean = get_response_log_probs(tiny_qwen2, ids, labels, True, chunk_size=5)
+    assert calls == [5]
+    full = get_response_log_probs(tiny_qwen2, ids, labels, True, lean=False)
+    assert calls == [5]
+    for key in ("log_probs", "token_entropy"):
+        torch.testing.assert_close(lean[key], full[key], rtol=1e-5, atol=1e-5)
+    loss = [(out["log_probs"] + 0.1 * out["token_entropy"]).sum() for out in (lean, full)]
+    for g, r in zip(*(torch.autograd.grad(x, params) for x in loss), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_get_response_log_probs_falls_back_for_unknown_models(
+    tiny_llama: PreTrainedModel,
+) -> None:
+    from posttrain.primitives import get_response_log_probs
+
+    custom = CustomLlama(tiny_llama.config)
+    custom.load_state_dict(tiny_llama.state_dict())
+    ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(6))
+    got = get_response_log_probs(custom, ids, ids, True)
+    want = get_response_log_probs(tiny_llama, ids, ids, True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
