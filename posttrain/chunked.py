@@ -217,12 +217,15 @@ class _Projector:
         rows: int,
         logit_scale: float,
         softcap: float | None,
+        matmul_dtype: torch.dtype | None = None,
     ) -> None:
         self.cdtype = cdtype
         # Narrow matmuls only when both operands are narrow (as F.linear would run them);
         # otherwise the weight is upcast once per call rather than the hidden state narrowed.
         narrow = weight.dtype not in (torch.float32, torch.float64)
         self.mdtype = weight.dtype if narrow and hidden_dtype == weight.dtype else cdtype
+        if matmul_dtype is not None:
+            self.mdtype = matmul_dtype
         self.weight = weight.to(self.mdtype)
         self.bias = None if bias is None else bias.to(self.mdtype)
         self.scale = logit_scale
@@ -511,10 +514,10 @@ def lean_response_log_probs(
 class FusedNLL(NamedTuple):
     """Result of `fused_linear_nll`.
 
-    loss: scalar, differentiable, sum_i w_i * -log p(label_i).
-    nll_sum, entropy_sum: detached float32 scalars, unweighted sums over all rows.
-    num_correct: detached int64 scalar, rows whose argmax equals the label.
-    num_tokens: number of rows.
+    loss: differentiable scalar, sum_i w_i * -log p(label_i), float32 (float64 for
+    float64 inputs). nll_sum, entropy_sum: detached scalars of the same dtype,
+    unweighted sums over all rows. num_correct: detached int64 scalar, rows whose
+    label has the largest logit (a tie counts as correct). num_tokens: rows.
     """
 
     loss: torch.Tensor
@@ -522,3 +525,187 @@ class FusedNLL(NamedTuple):
     entropy_sum: torch.Tensor
     num_correct: torch.Tensor
     num_tokens: int
+
+
+class _FusedLinearNLL(torch.autograd.Function):
+    """Weighted NLL whose gradients are computed in forward, chunk by chunk.
+
+    The loss is linear in its per-row terms and known before backward, so each
+    chunk's dL/dlogits = w * (p - onehot(y)) is pushed through the projection while
+    the chunk is in memory: no logits are recomputed and nothing vocabulary-sized is
+    saved. Backward only scales the stored gradients by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        token_weights: torch.Tensor,
+        rows: int,
+        logit_scale: float,
+        softcap: float | None,
+        matmul_dtype: torch.dtype | None,
+        stats: list[torch.Tensor],
+        grad_enabled: bool,
+    ) -> torch.Tensor:
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        cdtype = _compute_dtype(hidden.dtype, weight.dtype)
+        # Under no_grad (evaluation) no gradient work is done at all.
+        need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        need_b = need_b and bias is not None
+        w_rows = token_weights.to(cdtype)
+        device = hidden.device
+        loss = torch.zeros((), dtype=cdtype, device=device)
+        nll_sum = torch.zeros((), dtype=cdtype, device=device)
+        ent_sum = torch.zeros((), dtype=cdtype, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=cdtype, device=device) if need_w else None
+        grad_bias = torch.zeros(vocab, dtype=cdtype, device=device) if need_b else None
+        with torch.autocast(device.type, enabled=False):
+            proj = _Projector(
+                hidden.dtype, weight, bias, cdtype, rows, logit_scale, softcap, matmul_dtype
+            )
+            narrow = proj.mdtype != cdtype
+            buf = torch.empty(rows, vocab, dtype=cdtype, device=device)
+            pbuf = torch.empty_like(buf)
+            tbuf = torch.empty_like(buf) if softcap is not None else None
+            gw_low = None
+            if need_w and narrow:
+                gw_low = torch.empty(weight.shape, dtype=proj.mdtype, device=device)
+            for r0 in range(0, n_rows, rows):
+                r1 = min(r0 + rows, n_rows)
+                n = r1 - r0
+                h, y, w = hidden[r0:r1], labels[r0:r1], w_rows[r0:r1]
+                z = buf[:n]
+                t = None if tbuf is None else tbuf[:n]
+                proj.logits(h, z, t)
+                z_y = z.gather(1, y[:, None]).squeeze(1)
+                p = torch.softmax(z, dim=1, out=pbuf[:n])
+                p_y = p.gather(1, y[:, None]).squeeze(1)
+                lse = z_y - p_y.log()
+                tiny = p_y < _TINY_PROB
+                if bool(tiny.any()):
+                    lse[tiny] = torch.logsumexp(z[tiny], dim=1)
+                nll = lse - z_y
+                correct += (z_y >= z.amax(dim=1)).sum()
+                # z is not needed after this: it becomes p * z for the entropy.
+                ent_sum += (lse - z.mul_(p).sum(dim=1)).sum()
+                nll_sum += nll.sum()
+                loss += (w * nll).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                # dL/dz = w * (p - onehot(y)), then through soft-capping and scale.
+                gz = p.mul_(w[:, None])
+                gz.scatter_add_(1, y[:, None], -w[:, None])
+                if t is not None:
+                    gz.mul_(t.mul_(t).neg_().add_(1.0))
+                if logit_scale != 1.0:
+                    gz.mul_(logit_scale)
+                if grad_hidden is not None:
+                    grad_hidden[r0:r1] = proj.grad_hidden(gz).to(hidden.dtype)
+                if grad_weight is not None:
+                    if gw_low is None:
+                        grad_weight.addmm_(gz.t(), h.to(cdtype))
+                    else:
+                        low = proj.low[:n]
+                        low.copy_(gz)
+                        torch.mm(low.t(), h.to(proj.mdtype), out=gw_low)
+                        grad_weight += gw_low
+                if grad_bias is not None:
+                    grad_bias += gz.sum(dim=0)
+        stats.extend([nll_sum, ent_sum, correct])
+        ctx.grads = (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+        )
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_nll frees its stored gradients in the first backward; "
+                "call backward through it only once"
+            )
+        grads, ctx.grads = ctx.grads, None
+        scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        return (*scaled, None, None, None, None, None, None, None, None)
+
+
+def fused_linear_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    matmul_dtype: torch.dtype | None = None,
+    budget_bytes: int | None = None,
+) -> FusedNLL:
+    """Weighted next-token NLL through a linear head, gradients computed in forward.
+
+    hidden: (N, H) any float dtype (typically the response positions only);
+    weight: (V, H); bias: (V,) or None; labels: (N,) integers in [0, V) (else
+    ValueError); token_weights: (N,) float, the per-token loss weights (e.g. mask
+    / normaliser). logits = softcap(logit_scale * (hidden @ weight.T + bias)) are
+    formed `chunk_size` rows at a time and upcast to float32; `matmul_dtype`
+    (e.g. torch.bfloat16) runs the three projection matmuls in that dtype.
+
+    The returned `loss` backpropagates to hidden, weight and bias; its gradients
+    are computed during this call and are exact for the float32 path. Call
+    backward through it at most once. Statistics come from the same chunks.
+    """
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"hidden must be (N, H) and labels (N,); got {tuple(hidden.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    if token_weights.shape != labels.shape:
+        raise ValueError(
+            f"token_weights {tuple(token_weights.shape)} must match labels {tuple(labels.shape)}"
+        )
+    if not hidden.dtype.is_floating_point or not token_weights.dtype.is_floating_point:
+        raise ValueError(
+            f"hidden and token_weights must be float, got {hidden.dtype}, {token_weights.dtype}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be (vocab, {hidden.shape[1]})")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias {tuple(bias.shape)} must be ({weight.shape[0]},)")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    if matmul_dtype is not None and not matmul_dtype.is_floating_point:
+        raise ValueError(f"matmul_dtype must be a float dtype, got {matmul_dtype}")
+    vocab, width = weight.shape
+    _check_labels(labels, vocab)
+    if chunk_size is None:
+        budget = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
+        chunk_size = default_chunk_size(vocab, width, matmul_dtype or hidden.dtype, budget)
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    n_rows = hidden.shape[0]
+    stats: list[torch.Tensor] = []
+    loss = _FusedLinearNLL.apply(
+        hidden,
+        weight,
+        bias,
+        labels.long(),
+        token_weights.detach(),
+        max(1, min(int(chunk_size), n_rows)),
+        float(logit_scale),
+        softcap,
+        matmul_dtype,
+        stats,
+        torch.is_grad_enabled(),
+    )
+    nll_sum, entropy_sum, num_correct = stats
+    return FusedNLL(loss, nll_sum, entropy_sum, num_correct, n_rows)
