@@ -1,0 +1,347 @@
+"""The trainer end to end on tiny models: gradients, resume, divergence, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.checkpoints import latest_checkpoint
+from posttrain.cli.main import main
+from posttrain.config import SFTConfig
+from posttrain.data import collate, load_dataset_for_training, plan_batches, rank_micro_batches
+from posttrain.distributed import DistInfo
+from posttrain.offline import tiny_causal_lm
+from posttrain.training import (
+    ResponseLoss,
+    TrainingError,
+    accumulate_gradients,
+    train,
+)
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def reverse_task(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 7)))
+        rows.append({"prompt": f"Reverse: {word} ->", "response": " " + word[::-1]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, llama_tokenizer) -> Path:
+    """A saved tiny Llama + tokenizer, and train/eval files."""
+    root = tmp_path_factory.mktemp("training")
+    model = tiny_causal_lm("llama", vocab_size=len(llama_tokenizer), hidden_size=32, seed=3)
+    model.save_pretrained(root / "model")
+    llama_tokenizer.save_pretrained(root / "model")
+    write_jsonl(root / "train.jsonl", reverse_task(48, seed=0))
+    write_jsonl(root / "eval.jsonl", reverse_task(12, seed=1))
+    return root
+
+
+def make_config(workdir: Path, out: Path, **overrides) -> SFTConfig:
+    values = {
+        "model": str(workdir / "model"),
+        "train_file": str(workdir / "train.jsonl"),
+        "output_dir": str(out),
+        "micro_batch_size": 4,
+        "grad_accum_steps": 2,
+        "max_steps": 6,
+        "lr": 3e-3,
+        "warmup_steps": 1,
+        "seed": 0,
+        "num_threads": 1,
+        "progress": False,
+        "precision": "fp32",
+    }
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def step_gradients(model, config: SFTConfig, examples, pad_id: int) -> dict[str, torch.Tensor]:
+    plan = plan_batches(
+        [len(e.input_ids) for e in examples], config.micro_batch_size, config.grad_accum_steps
+    )
+    micro = rank_micro_batches(plan[0], config.micro_batch_size)
+    batches = [collate([examples[i] for i in ids], pad_id) for ids in micro]
+    model.zero_grad(set_to_none=True)
+    accumulate_gradients(ResponseLoss(model, config), batches, config, CPU, None)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_gradient_independent_of_micro_batch_split(workdir, tmp_path, normalization) -> None:
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    base = make_config(workdir, tmp_path, loss_normalization=normalization)
+    examples, _ = load_dataset_for_training(base.train_file, tokenizer, base)
+    pad = tokenizer.eos_token_id
+    one = SFTConfig(**{**base.__dict__, "micro_batch_size": 8, "grad_accum_steps": 1})
+    four = SFTConfig(**{**base.__dict__, "micro_batch_size": 2, "grad_accum_steps": 4})
+    g1 = step_gradients(model, one, examples, pad)
+    g4 = step_gradients(model, four, examples, pad)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g4[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def reference_step_loss(model, batches, normalization: str) -> torch.Tensor:
+    """The straightforward loss: full logits, log_softmax, masks, plain means."""
+    nll_rows, masks = [], []
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        lp = F.log_softmax(logits.float(), -1).gather(-1, b["labels"][..., None])[..., 0]
+        nll_rows.append(-lp * b["response_mask"])
+        masks.append(b["response_mask"])
+    if normalization == "token":
+        return sum(r.sum() for r in nll_rows) / sum(m.sum() for m in masks)
+    per_seq = [r.sum(-1) / m.sum(-1) for r, m in zip(nll_rows, masks, strict=True)]
+    return torch.cat(per_seq).mean()
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_loss_gradients_match_straightforward_path(
+    workdir, tmp_path, llama_tokenizer, normalization, arch
+) -> None:
+    model = tiny_causal_lm(
+        arch, vocab_size=len(llama_tokenizer), hidden_size=32, tie_word_embeddings=arch == "qwen2"
+    )
+    config = make_config(workdir, tmp_path, loss_normalization=normalization, logprob_chunk_size=5)
+    examples, _ = load_dataset_for_training(config.train_file, llama_tokenizer, config)
+    batches = [collate(examples[:3], 1), collate(examples[3:8], 1)]
+    reference = copy.deepcopy(model)
+    model.zero_grad()
+    accumulate_gradients(ResponseLoss(model, config), batches, config, CPU, None)
+    reference_step_loss(reference, batches, normalization).backward()
+    for (name, p), (_, q) in zip(
+        model.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_train_end_to_end(workdir, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = make_config(
+        workdir,
+        out,
+        max_steps=12,
+        eval_file=str(workdir / "eval.jsonl"),
+        eval_every=6,
+        lr=1e-2,
+        save_every=4,
+        keep_last=1,
+    )
+    result = train(config)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "loss" in r]
+    eval_lines = [r for r in lines if "eval_loss" in r]
+    assert [r["step"] for r in train_lines] == list(range(1, 13))
+    for r in train_lines:
+        assert {"loss", "lr", "grad_norm", "entropy", "token_accuracy", "tokens_per_s"} <= set(r)
+        assert r["tokens_per_s"] > 0 and 0 <= r["token_accuracy"] <= 1
+    assert [r["step"] for r in eval_lines] == [6, 12]
+    for r in eval_lines:
+        assert r["eval_perplexity"] == pytest.approx(2.718281828 ** r["eval_loss"], rel=1e-6)
+        assert {"eval_entropy", "eval_token_accuracy"} <= set(r)
+    assert train_lines[-1]["loss"] < 0.8 * train_lines[0]["loss"]
+    assert result.final_loss == train_lines[-1]["loss"]
+    assert result.plot_path is not None and result.plot_path.stat().st_size > 0
+    # keep_last=1: only the newest periodic checkpoint remains (step 12 is the final model).
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000008"]
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(tokenizer)
+
+
+def test_run_directory_is_not_reused_by_accident(workdir, tmp_path) -> None:
+    config = make_config(workdir, tmp_path / "run", max_steps=1)
+    train(config)
+    with pytest.raises(ValueError, match="--resume to continue it or --overwrite"):
+        train(config)
+    train(SFTConfig(**{**config.__dict__, "overwrite": True}))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(workdir, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = make_config(
+        workdir, out, lr=1e30, warmup_steps=0, save_every=1, max_steps=6, lr_scheduler="constant"
+    )
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step \d") as info:
+        train(config)
+    last = latest_checkpoint(out)
+    assert last is not None and last.name in str(info.value)
+    assert not (out / "final").exists()
+
+
+def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path) -> None:
+    settings = {
+        "max_steps": 30,
+        "save_every": 2,
+        "keep_last": 2,
+        "micro_batch_size": 8,
+        "grad_accum_steps": 1,
+    }
+    straight = tmp_path / "straight"
+    train(make_config(workdir, straight, **settings))
+
+    killed = tmp_path / "killed"
+    config = make_config(workdir, killed, **settings)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")  # JSON is YAML
+    cmd = [sys.executable, "-m", "posttrain", "sft", "--config", str(cfg_file)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(killed) is None or latest_checkpoint(killed).name < "step-000006":
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "final").exists()
+
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    want = load_file(straight / "final" / "model.safetensors")
+    got = load_file(killed / "final" / "model.safetensors")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+    # The resumed metrics continue the file without duplicate steps.
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))
+
+
+# --------------------------------------------------------------------------- the CLI
+
+# Losses of the first five steps of `posttrain sft` on the fixture data (torch 2.13.0, CPU,
+# fp32, one thread). A change here means the trainer computes something else.
+PINNED_LOSSES = [5.943212, 5.788528, 5.656681, 5.530269, 5.471233]
+
+
+def test_cli_sft_pins_losses(workdir, tmp_path, capsys) -> None:
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            "sft",
+            "--model",
+            str(workdir / "model"),
+            "--train-file",
+            str(workdir / "train.jsonl"),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "5",
+            "--micro-batch-size",
+            "4",
+            "--grad-accum-steps",
+            "2",
+            "--lr",
+            "3e-3",
+            "--seed",
+            "0",
+            "--num-threads",
+            "1",
+            "--no-progress",
+            "--precision",
+            "fp32",
+        ]
+    )
+    assert rc == 0
+    assert "final loss" in capsys.readouterr().out
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(PINNED_LOSSES, rel=1e-4, abs=1e-5)
+
+
+def test_cli_help_lists_options_with_defaults(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--config",
+        "--model",
+        "--train-file",
+        "--eval-file",
+        "--output-dir",
+        "--prompt-field",
+        "--response-field",
+        "--max-seq-len",
+        "--micro-batch-size",
+        "--grad-accum-steps",
+        "--max-steps",
+        "--epochs",
+        "--lr",
+        "--loss-normalization",
+        "--seed",
+        "--resume",
+        "--save-every",
+        "--eval-every",
+    ):
+        assert flag in text
+    assert "default: 2e-05" in text or "default: 2e-5" in text
+
+
+def run_cli_error(args: list[str], capsys) -> str:
+    rc = main(["sft", *args])
+    assert rc == 2
+    return capsys.readouterr().err
+
+
+def test_cli_errors_are_clear(workdir, tmp_path, capsys) -> None:
+    model, data = str(workdir / "model"), str(workdir / "train.jsonl")
+    out = str(tmp_path / "o")
+    err = run_cli_error(
+        ["--model", str(tmp_path / "nope"), "--train-file", data, "--output-dir", out], capsys
+    )
+    assert "nope" in err and "does not exist" in err
+
+    err = run_cli_error(
+        ["--model", model, "--train-file", str(tmp_path / "missing.jsonl"), "--output-dir", out],
+        capsys,
+    )
+    assert "missing.jsonl" in err
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": \n')
+    err = run_cli_error(["--model", model, "--train-file", str(bad), "--output-dir", out], capsys)
+    assert "bad.jsonl:3" in err
+
+    fields = tmp_path / "fields.jsonl"
+    fields.write_text('{"question": "a", "answer": "b"}\n')
+    err = run_cli_error(
+        ["--model", model, "--train-file", str(fields), "--output-dir", out], capsys
+    )
+    assert "question" in err and "answer" in err
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    err = run_cli_error(["--model", model, "--train-file", str(empty), "--output-dir", out], capsys)
+    assert "empty" in err.lower() or "no examples" in err.lower()
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {model}\ntrain_file: {data}\nmicro_batch: 4\n")
+    err = run_cli_error(["--config", str(cfg)], capsys)
+    assert "micro_batch_size" in err
