@@ -32,7 +32,7 @@ from posttrain.checkpoints import (
     save_final_model,
 )
 from posttrain.chunked import FusedNLL, body_hidden_states, find_linear_head, fused_linear_nll
-from posttrain.config import SFTConfig
+from posttrain.config import SFTConfig, config_to_dict
 from posttrain.data import (
     TokenizedExample,
     collate,
@@ -41,7 +41,21 @@ from posttrain.data import (
     plan_batches,
     rank_micro_batches,
 )
-from posttrain.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown, wrap_model
+from posttrain.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    check_same_config,
+    full_model_state_dict,
+    full_optimizer_state_dict,
+    init_distributed,
+    is_fsdp,
+    load_optimizer_state,
+    local_module,
+    shutdown,
+    wrap_model,
+)
 from posttrain.metrics import METRICS_FILE, MetricsLogger, ProgressReporter, plot_metrics
 from posttrain.primitives import compute_entropy, log_probs_from_logits, pad_token_id_of
 
@@ -211,7 +225,8 @@ def accumulate_gradients(
     """Forward and backward every micro-batch of one optimizer step on this rank.
 
     Gradients add up in the parameters' `.grad`; with `token` normalisation they equal
-    the gradient of the mean response-token loss over the whole global step.
+    the gradient of the mean response-token loss over the whole global step, on one
+    process or on many.
     """
     device = info.device
     denominator = step_denominator(batches, config.loss_normalization, info, device)
@@ -232,7 +247,9 @@ def accumulate_gradients(
             out = loss_module(
                 batch["input_ids"], batch["attention_mask"], batch["labels"], weights.to(device)
             )
-        out.loss.backward()
+        # The weights already divide by the global count, so the step's gradient is the
+        # sum over ranks; DDP and FSDP average over ranks, which this factor undoes.
+        (out.loss * info.world_size if info.is_distributed else out.loss).backward()
         stats.add(out, batch)
     return stats
 
@@ -246,29 +263,38 @@ def evaluate(
     info: DistInfo,
     autocast_dtype: torch.dtype | None,
 ) -> dict[str, float]:
-    """Response NLL per token, perplexity, entropy and token accuracy on held-out data."""
-    loss_module.eval()
+    """Response NLL per token, perplexity, entropy and token accuracy on held-out data.
+
+    Every rank must call this: each scores its share and the sums are all-reduced.
+    """
+    # DDP's forward may broadcast buffers, a collective: its inner module needs none.
+    module = local_module(loss_module)
+    module.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     mine = order[info.rank :: info.world_size]
     stats = StepStats()
-    for start in range(0, len(mine), config.micro_batch_size):
-        batch = _to_device(
-            collate([examples[i] for i in mine[start : start + config.micro_batch_size]], pad_id),
-            info.device,
-        )
+    micro = config.micro_batch_size
+    # Under FSDP every forward all-gathers parameters, so every rank runs the same number
+    # of forwards; one that has run out of examples repeats one and does not count it.
+    rounds = math.ceil(math.ceil(len(examples) / info.world_size) / micro)
+    for start in range(0, rounds * micro, micro):
+        ids = mine[start : start + micro]
+        counted = bool(ids)
+        batch = _to_device(collate([examples[i] for i in ids or order[:1]], pad_id), info.device)
         with torch.autocast(
             info.device.type,
             dtype=autocast_dtype or torch.float32,
             enabled=autocast_dtype is not None,
         ):
-            out = loss_module(
+            out = module(
                 batch["input_ids"],
                 batch["attention_mask"],
                 batch["labels"],
                 batch["response_mask"].float(),
             )
-        stats.add(out, batch)
-    loss_module.train()
+        if counted:
+            stats.add(out, batch)
+    module.train()
     total = stats.all_reduced(info, info.device)
     tokens = max(total.num_tokens, 1.0)
     nll = total.nll_sum / tokens
@@ -340,12 +366,15 @@ def prepare_output_dir(config: SFTConfig, info: DistInfo) -> Path:
             f"output_dir {out} already holds a run ({', '.join(existing)}): pass --resume to "
             "continue it or --overwrite to start again"
         )
+    # Every rank looks before rank 0 deletes or creates anything.
+    barrier(info)
     if info.is_main:
         if config.overwrite:
             for name in existing:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
+    barrier(info)
     return out
 
 
@@ -367,8 +396,14 @@ def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tens
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _steps_per_epoch(num_examples: int, global_batch: int) -> int:
-    return max(1, math.ceil(num_examples / global_batch))
+def _steps_per_epoch(num_examples: int, global_batch: int, world_size: int = 1) -> int:
+    """Steps per epoch as `plan_batches` makes them.
+
+    Full global batches, plus a smaller last step from the remainder, trimmed to a
+    multiple of the world size (every rank needs an example per micro-batch).
+    """
+    full, tail = divmod(num_examples, global_batch)
+    return max(1, full + (1 if tail >= world_size else 0))
 
 
 def _step_batches(
@@ -413,6 +448,7 @@ def train(config: SFTConfig) -> TrainResult:
 def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    check_same_config(config_to_dict(config), info)
     out = prepare_output_dir(config, info)
     torch.manual_seed(config.seed)
 
@@ -426,7 +462,14 @@ def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
         else []
     )
     global_batch = config.micro_batch_size * config.grad_accum_steps * info.world_size
-    steps_per_epoch = _steps_per_epoch(len(train_examples), global_batch)
+    if len(train_examples) < info.world_size:
+        raise ValueError(
+            f"the training set has {len(train_examples)} example(s) after filtering, fewer "
+            f"than the {info.world_size} ranks: every rank needs at least one example per "
+            "step. Use more data or fewer processes (--nproc_per_node)"
+        )
+    steps_per_epoch = _steps_per_epoch(len(train_examples), global_batch, info.world_size)
+    left_out = len(train_examples) % global_batch % info.world_size
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     if info.is_main:
         in_order, grouped = epoch_padding_fractions(
@@ -450,32 +493,51 @@ def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
             " with length grouping" if config.group_by_length else "",
             100 * in_order,
         )
+        if left_out:
+            logger.info(
+                "the last step of each epoch leaves out %d example(s): its size is not a "
+                "multiple of the %d ranks",
+                left_out,
+                info.world_size,
+            )
 
     model.to(info.device)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     model.config.use_cache = False
-    optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    autocast_dtype = autocast_dtype_for(config, info.device)
 
-    # ---- resume: weights, optimizer, schedule, RNG and data position
+    # ---- resume: the weights go into the whole model, before any sharding
     start_step = 0
-    checkpoint = latest_checkpoint(out) if config.resume else None
+    # Rank 0 picks the checkpoint, so every rank resumes from the same one.
+    checkpoint = broadcast_object(latest_checkpoint(out) if config.resume else None, info)
     if config.resume and checkpoint is None and info.is_main:
         logger.info("--resume: no complete checkpoint in %s, starting from step 0", out)
+    state = None
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         load_model_weights(model, checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+
+    # FSDP replaces the parameters by shards: the optimizer is built after wrapping.
+    loss_module = wrap_model(
+        ResponseLoss(model, config),
+        info,
+        config.strategy,
+        param_dtype=autocast_dtype if config.strategy == "fsdp" else None,
+    )
+    sharded = is_fsdp(loss_module)
+    loss_module.train()
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    if checkpoint is not None and state is not None:
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
         start_step = int(state["step"])
         if info.is_main:
             logger.info("resumed from %s at step %d", checkpoint, start_step)
-
-    loss_module = wrap_model(ResponseLoss(model, config), info)
-    loss_module.train()
-    autocast_dtype = autocast_dtype_for(config, info.device)
     metrics = MetricsLogger(
         out, config, enabled=info.is_main, resume_step=start_step if checkpoint else None
     )
@@ -499,7 +561,9 @@ def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
                     f"{last if last else 'none'}. Try a lower --lr or gradient clipping."
                 )
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            # Under FSDP the norm is a DTensor; full_tensor() makes it a plain number.
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -531,17 +595,24 @@ def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
                 metrics.log(done, row)
                 progress.update(done, row)
             periodic = config.save_every and done % config.save_every == 0
-            if periodic and done < total_steps and info.is_main:
-                save_checkpoint(
-                    out,
-                    done,
-                    model,
-                    tokenizer,
-                    optimizer,
-                    scheduler,
-                    config,
-                    extra={"epoch": step // steps_per_epoch},
-                )
+            if periodic and done < total_steps:
+                # Every rank takes part in gathering the state; rank 0 writes it.
+                weights = full_model_state_dict(model, sharded)
+                optimizer_state = full_optimizer_state_dict(model, optimizer)
+                if info.is_main:
+                    save_checkpoint(
+                        out,
+                        done,
+                        model,
+                        tokenizer,
+                        optimizer,
+                        scheduler,
+                        config,
+                        extra={"epoch": step // steps_per_epoch},
+                        model_state_dict=weights,
+                        optimizer_state=optimizer_state,
+                    )
+                barrier(info)
     finally:
         progress.close()
         metrics.close()
@@ -549,10 +620,12 @@ def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
 
     final_dir = out / FINAL_DIR
     plot_path = None
+    weights = full_model_state_dict(model, sharded)
     if info.is_main:
-        final_dir = save_final_model(out, model, tokenizer, config)
+        final_dir = save_final_model(out, model, tokenizer, config, model_state_dict=weights)
         if metrics.path.exists():
             plot_path = plot_metrics(metrics.path, out / PLOT_FILE)
+    barrier(info)
     return TrainResult(
         final_loss, final_dir, out / METRICS_FILE, plot_path, train_seconds, total_steps
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import signal
@@ -345,3 +346,36 @@ def test_cli_errors_are_clear(workdir, tmp_path, capsys) -> None:
     cfg.write_text(f"model: {model}\ntrain_file: {data}\nmicro_batch: 4\n")
     err = run_cli_error(["--config", str(cfg)], capsys)
     assert "micro_batch_size" in err
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(workdir, tmp_path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    config = make_config(workdir, tmp_path)
+    examples, _ = load_dataset_for_training(config.train_file, tokenizer, config)
+    plain = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    checkpointed.train()
+    plain.train()
+    want = step_gradients(plain, config, examples, tokenizer.eos_token_id)
+    got = step_gradients(checkpointed, config, examples, tokenizer.eos_token_id)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_autocast_run(workdir, tmp_path) -> None:
+    result = train(
+        make_config(
+            workdir,
+            tmp_path / "bf16",
+            precision="bf16",
+            max_steps=4,
+            gradient_checkpointing=True,
+            head_matmul_dtype="bf16",
+        )
+    )
+    losses = [json.loads(x)["loss"] for x in result.metrics_path.read_text().splitlines()]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
