@@ -354,8 +354,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(workdir, tmp_path) -> N
     examples, _ = load_dataset_for_training(config.train_file, tokenizer, config)
     plain = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
     checkpointed = copy.deepcopy(plain)
-    checkpointed.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False}
+    checkpointed.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}
     )
     checkpointed.train()
     plain.train()
