@@ -78,7 +78,7 @@ class SFTConfig:
     )
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
     logprob_chunk_size: int | None = _f(
-        None, "tokens per chunk of the LM-head/loss computation (none: no chunking)"
+        None, "tokens per chunk of the LM-head/loss computation (none: from a 320 MiB budget)"
     )
     head_matmul_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the LM-head matmul")
     group_by_length: bool = _f(True, "batch examples of similar length to reduce padding")
