@@ -13,6 +13,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("sft", "supervised fine-tuning of a causal LM on prompt/response data"),
     "inspect": ("inspect_data", "show the data as posttrain sft sees it: tokens, masks, stats"),
+    "demo": ("demo", "a complete fine-tuning run on a CPU in minutes, no download: start here"),
+    "generate": ("generate", "greedy completion of a prompt by a saved model, stopping at EOS"),
 }
 
 
