@@ -242,6 +242,7 @@ def _write_model_dir(
     model: torch.nn.Module,
     tokenizer: Any | None,
     config: SFTConfig | Mapping[str, Any] | None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -250,7 +251,10 @@ def _write_model_dir(
     bar_was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        unwrap_model(model).save_pretrained(tmp)
+        # A sharded (FSDP) model is saved from its gathered full state dict.
+        unwrap_model(model).save_pretrained(
+            tmp, state_dict=dict(state_dict) if state_dict is not None else None
+        )
     finally:
         if bar_was_enabled:
             hf_logging.enable_progress_bar()
@@ -279,6 +283,9 @@ def save_checkpoint(
     config: SFTConfig | Mapping[str, Any] | None,
     extra: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
+    *,
+    model_state_dict: Mapping[str, torch.Tensor] | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint of `step` atomically and return its directory.
 
@@ -287,6 +294,12 @@ def save_checkpoint(
     After the save, all but the `keep_last` newest complete checkpoints are deleted
     (`keep_last` defaults to `config.keep_last`; None keeps everything when there is
     no config), as are temporary directories of earlier, interrupted saves.
+
+    In a distributed run the caller gathers the state on every rank and passes it
+    here on the main process: `model_state_dict`, the full weights of a sharded model
+    (None: the model's own parameters), and `optimizer_state`, which replaces
+    `optimizer.state_dict()` (posttrain passes a name-keyed full state so that any
+    number of ranks can resume it).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -296,10 +309,14 @@ def save_checkpoint(
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
 
+    if optimizer_state is not None:
+        optimizer_state = dict(optimizer_state)
+    elif optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     state: dict[str, Any] = {
         "format_version": STATE_FORMAT_VERSION,
         "step": int(step),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": collect_rng_state(),
         "extra": dict(extra) if extra is not None else {},
@@ -314,7 +331,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_model_dir(tmp, model, tokenizer, cfg)
+        _write_model_dir(tmp, model, tokenizer, cfg, model_state_dict)
         torch.save(state, tmp / TRAINER_STATE_FILE)
         _fsync_tree(tmp)
         # The marker goes last: its presence vouches for everything written before it.
@@ -336,8 +353,13 @@ def save_final_model(
     model: torch.nn.Module,
     tokenizer: Any | None,
     config: SFTConfig | Mapping[str, Any] | None,
+    *,
+    model_state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the trained model (and tokenizer, config.yaml) to OUTPUT_DIR/final atomically."""
+    """Write the trained model (and tokenizer, config.yaml) to OUTPUT_DIR/final atomically.
+
+    `model_state_dict`: the gathered full weights of a sharded model (see `save_checkpoint`).
+    """
     target = Path(output_dir) / FINAL_DIR
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -345,7 +367,7 @@ def save_final_model(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_model_dir(tmp, model, tokenizer, config)
+        _write_model_dir(tmp, model, tokenizer, config, model_state_dict)
         _fsync_tree(tmp)
         _write_marker(tmp, {"final": True, "time": time.time()})
         _move_into_place(tmp, target)

@@ -1,0 +1,287 @@
+"""Data-parallel training on two CPU processes (gloo) against one process.
+
+One `torchrun --standalone --nproc_per_node 2` launch runs every distributed job
+(this file is also its worker script, see `_worker`), because starting Python and
+importing transformers costs far more than the tiny trainings themselves. The jobs:
+DDP and FSDP2 runs of 5 optimizer steps (with a checkpoint at step 3 and an
+evaluation), a run whose ranks disagree on the config, and a data set with fewer
+examples than ranks. The tests then compare against single-process runs in pytest's
+own process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 5
+TOLERANCE = 1e-5
+
+
+def reverse_task(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 7)))
+        rows.append({"prompt": f"Reverse: {word} ->", "response": " " + word[::-1]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def base_settings(root: Path, model: str, out: Path) -> dict[str, Any]:
+    """A 5-step run; micro_batch_size is set per world size (global batch 8)."""
+    return {
+        "model": str(root / model),
+        "train_file": str(root / "train.jsonl"),
+        "eval_file": str(root / "eval.jsonl"),
+        "output_dir": str(out),
+        "grad_accum_steps": 2,
+        "max_steps": STEPS,
+        "eval_every": STEPS,
+        "save_every": 3,
+        "lr": 3e-3,
+        "warmup_steps": 1,
+        "seed": 0,
+        "num_threads": 1,
+        "progress": False,
+        "precision": "fp32",
+        "logprob_chunk_size": 7,
+    }
+
+
+def cli_args(settings: dict[str, Any]) -> list[str]:
+    args = ["sft"]
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def read_metrics(out: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _worker(jobs_file: str) -> int:
+    """Run each job's CLI arguments through `posttrain sft` on this rank (under torchrun).
+
+    A job may give `rank1_extra` arguments that only rank 1 appends. The exit status
+    of every job goes to `<jobs_file>.rank<R>.json`.
+    """
+    import torch.distributed as dist
+
+    from posttrain.cli.main import main
+
+    # One process group for all jobs: `train` uses a group it finds and leaves it up,
+    # whereas re-creating the group through torchrun's store after destroying it hangs.
+    dist.init_process_group("gloo")
+    rank = int(os.environ["RANK"])
+    jobs = json.loads(Path(jobs_file).read_text(encoding="utf-8"))
+    codes = {}
+    for name, job in jobs.items():
+        argv = job["argv"] + (job.get("rank1_extra", []) if rank == 1 else [])
+        print(f"=== job {name} rank {rank}", file=sys.stderr, flush=True)
+        codes[name] = main(argv)
+    Path(f"{jobs_file}.rank{rank}.json").write_text(json.dumps(codes), encoding="utf-8")
+    dist.destroy_process_group()
+    return 0
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, llama_tokenizer) -> Path:
+    """Two saved tiny Llamas (untied, and tied embeddings) and train/eval files."""
+    from posttrain.offline import tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("distributed")
+    vocab = len(llama_tokenizer)
+    for name, tied in (("model", False), ("model_tied", True)):
+        model = tiny_causal_lm("llama", vocab_size=vocab, hidden_size=32, tie_word_embeddings=tied)
+        model.save_pretrained(root / name)
+        llama_tokenizer.save_pretrained(root / name)
+    write_jsonl(root / "train.jsonl", reverse_task(40, seed=0))
+    # 5 examples over 2 ranks: the ranks score different numbers of eval examples.
+    write_jsonl(root / "eval.jsonl", reverse_task(5, seed=1))
+    write_jsonl(root / "one.jsonl", reverse_task(1, seed=2))
+    return root
+
+
+# Output dirs of the two-rank runs, by strategy; the tied model checks FSDP's handling
+# of a parameter shared by the embeddings and the output head.
+MODELS = {"ddp": "model", "fsdp": "model_tied"}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(workdir) -> dict[str, Any]:
+    """Launch every distributed job in one torchrun; return its outputs."""
+    jobs = {}
+    for strategy, model in MODELS.items():
+        settings = base_settings(workdir, model, workdir / f"two-{strategy}")
+        settings.update(micro_batch_size=2, strategy=strategy)
+        jobs[strategy] = {"argv": cli_args(settings)}
+    disagree = base_settings(workdir, "model", workdir / "two-disagree")
+    jobs["disagree"] = {"argv": cli_args(disagree), "rank1_extra": ["--lr", "0.001"]}
+    tiny = base_settings(workdir, "model", workdir / "two-tiny")
+    tiny.update(train_file=str(workdir / "one.jsonl"))
+    jobs["tiny"] = {"argv": cli_args(tiny)}
+    jobs_file = workdir / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs), encoding="utf-8")
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(jobs_file),
+    ]
+    # A session of its own: on a timeout the whole group (torchrun and both workers)
+    # is killed, so no hung worker outlives the test.
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"the two-rank jobs did not finish in 240 s:\n{err[-4000:]}")
+    (workdir / "torchrun.log").write_text(stderr, encoding="utf-8")
+    failed = [line for line in stderr.splitlines() if "Error" in line or "error:" in line]
+    assert proc.returncode == 0, "\n".join(failed[-20:]) or stderr[-4000:]
+    codes = [json.loads(Path(f"{jobs_file}.rank{r}.json").read_text()) for r in (0, 1)]
+    return {"codes": codes, "stderr": stderr}
+
+
+def single_process_run(workdir: Path, strategy: str, out: Path, **overrides: Any) -> Path:
+    """The same global batch (8) in one process: micro-batches of 4 instead of 2."""
+    from posttrain.config import SFTConfig
+    from posttrain.training import train
+
+    settings = base_settings(workdir, MODELS[strategy], out)
+    settings.update(micro_batch_size=4, strategy=strategy, **overrides)
+    train(SFTConfig(**settings))
+    return out
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(workdir, two_ranks, tmp_path, strategy) -> None:
+    assert all(codes[strategy] == 0 for codes in two_ranks["codes"]), two_ranks["stderr"][-4000:]
+    two = workdir / f"two-{strategy}"
+    one = single_process_run(workdir, strategy, tmp_path / "one")
+    train_two, eval_two = read_metrics(two)
+    train_one, eval_one = read_metrics(one)
+    # Rank 0 alone writes the metrics: each step once.
+    assert [r["step"] for r in train_two] == list(range(1, STEPS + 1))
+    for a, b in zip(train_two, train_one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE, rel=0), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=TOLERANCE, rel=0), (a, b)
+        assert a["token_accuracy"] == pytest.approx(b["token_accuracy"], abs=1e-9)
+    assert eval_two[0]["eval_loss"] == pytest.approx(eval_one[0]["eval_loss"], abs=TOLERANCE)
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    # The final model (gathered from the shards under FSDP) is a plain HF directory.
+    model = AutoModelForCausalLM.from_pretrained(two / "final")
+    if strategy == "fsdp":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    want, got = (
+        load_file(one / "final/model.safetensors"),
+        load_file(two / "final/model.safetensors"),
+    )
+    assert set(want) == set(got)
+    for name in want:
+        # Adam divides by sqrt(v): where a gradient is ~0, rounding differences of the
+        # reduction order move a weight by up to ~2e-5 over 5 steps (lr 3e-3).
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=0, msg=name)
+    assert "using the gloo backend" in two_ranks["stderr"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_rank_checkpoint_resumes_in_one_process(workdir, two_ranks, tmp_path, strategy) -> None:
+    assert all(codes[strategy] == 0 for codes in two_ranks["codes"]), two_ranks["stderr"][-4000:]
+    two = workdir / f"two-{strategy}"
+    train_two, _ = read_metrics(two)
+    out = tmp_path / "resumed"
+    out.mkdir()
+    # Only what a crash at step 3 would have left: the checkpoint and the metrics so far.
+    shutil.copytree(two / "checkpoints/step-000003", out / "checkpoints/step-000003")
+    (out / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in train_two[:3]), encoding="utf-8"
+    )
+    single_process_run(workdir, strategy, out, resume=True, eval_every=0, eval_file=None)
+    resumed, _ = read_metrics(out)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed[3:], train_two[3:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE, rel=0), (a, b)
+
+
+def test_ranks_that_disagree_on_the_config_stop_with_a_clear_error(two_ranks) -> None:
+    assert [codes["disagree"] for codes in two_ranks["codes"]] == [2, 2]
+    assert "ranks disagree on the config" in two_ranks["stderr"]
+    assert "lr: 0.003 != 0.001" in two_ranks["stderr"]
+
+
+def test_fewer_examples_than_ranks_is_explained(two_ranks) -> None:
+    assert [codes["tiny"] for codes in two_ranks["codes"]] == [2, 2]
+    assert "fewer than the 2 ranks" in two_ranks["stderr"]
+
+
+def test_config_differences_name_the_settings() -> None:
+    from posttrain.distributed import config_differences
+
+    assert config_differences({"lr": 1.0, "seed": 0}, {"lr": 1.0, "seed": 0}) == []
+    assert config_differences({"lr": 1.0, "seed": 0}, {"lr": 2.0, "seed": 0}) == ["lr: 1.0 != 2.0"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("num_examples", [1, 7, 8, 9, 17, 40])
+def test_steps_per_epoch_matches_the_plan(world_size, num_examples) -> None:
+    from posttrain.data import plan_batches
+    from posttrain.training import _steps_per_epoch
+
+    if num_examples < world_size:
+        return
+    plan = plan_batches([5] * num_examples, 2, 2, world_size)
+    assert _steps_per_epoch(num_examples, 4 * world_size, world_size) == len(plan)
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))
