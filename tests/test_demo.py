@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from posttrain.cli.main import main
 from posttrain.demo import (
@@ -193,3 +198,28 @@ def test_generate_reports_a_missing_model_in_one_line(
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(
+    tiny_llama: PreTrainedModel, llama_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Llama-style tokenizer (BOS, no pad): batching by length changes nothing."""
+    prompts = ["Hello", "Hello, world!", "The quick brown fox", "Hi", "Question: 12 + 30?"]
+    batched = greedy_generate(tiny_llama, llama_tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    alone = [
+        greedy_generate(tiny_llama, llama_tokenizer, [p], max_new_tokens=6)[0] for p in prompts
+    ]
+    assert batched == alone
+
+    ids = llama_tokenizer(prompts[2])["input_ids"]
+    new_ids: list[int] = []
+    with torch.inference_mode():
+        for _ in range(6):
+            logits = tiny_llama(input_ids=torch.tensor([ids + new_ids])).logits
+            new_ids.append(int(logits[0, -1].argmax()))
+    eos = llama_tokenizer.eos_token_id
+    cut = new_ids.index(eos) if eos in new_ids else len(new_ids)
+    assert batched[2] == llama_tokenizer.decode(new_ids[:cut], skip_special_tokens=True)
