@@ -147,52 +147,58 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _entropy_chunk(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Entropy and log-sum-exp of each row of a chunk, both (rows,) float32 (float64 in, out).
+def _shifted_logits(logits: Tensor, row_max: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """z = x - max(x), logsumexp(z) and max(x) for a chunk of rows, in the accumulation dtype.
 
-    H = lse - E_p[x]; positions whose logit is -inf have p = 0 and are left out of
-    E_p[x] explicitly, since 0 * -inf would be NaN.
+    Working on z rather than x keeps log p = z - logsumexp(z) and the entropy exact for
+    logits of magnitude 1e4, where x - logsumexp(x) would cancel catastrophically.
     """
     x = logits.to(accumulation_dtype(logits.dtype))
-    lse = torch.logsumexp(x, dim=-1)
-    p = torch.exp(x - lse.unsqueeze(-1))
-    expected_x = (p * torch.where(p > 0, x, 0.0)).sum(-1)
-    return lse - expected_x, lse
+    if row_max is None:
+        row_max = x.amax(dim=-1)
+    z = x - row_max.unsqueeze(-1)
+    return z, torch.logsumexp(z, dim=-1), row_max
+
+
+def _probs_and_mean_z(z: Tensor, lse_z: Tensor) -> tuple[Tensor, Tensor]:
+    """p = softmax(z) and E_p[z] per row; entries with p = 0 (z = -inf) are left out of
+    E_p[z] explicitly, since 0 * -inf would be NaN."""
+    p = torch.exp(z - lse_z.unsqueeze(-1))
+    return p, (p * torch.where(p > 0, z, 0.0)).sum(-1)
 
 
 class _ChunkedEntropy(torch.autograd.Function):
-    """Entropy over the last dim, chunk by chunk; saves only per-row statistics.
+    """Entropy over the last dim, chunk by chunk; saves only two floats per row.
 
-    Backward recomputes each chunk's probabilities: dH/dx_j = -p_j (x_j - E_p[x]).
+    H = logsumexp(z) - E_p[z], exactly log V for uniform and 0 for one-hot logits.
+    Backward recomputes each chunk's probabilities: dH/dx_j = -p_j (z_j - E_p[z]).
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, logits: Tensor, rows: int) -> Tensor:
         flat = logits.reshape(-1, logits.shape[-1])
-        entropy = torch.empty(
-            flat.shape[0], dtype=accumulation_dtype(logits.dtype), device=logits.device
-        )
-        lse = torch.empty_like(entropy)
+        dtype = accumulation_dtype(logits.dtype)
+        entropy = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
+        row_max, lse_z = torch.empty_like(entropy), torch.empty_like(entropy)
         for start in range(0, flat.shape[0], rows):
-            entropy[start : start + rows], lse[start : start + rows] = _entropy_chunk(
-                flat[start : start + rows]
-            )
-        ctx.save_for_backward(logits, entropy, lse)
+            stop = start + rows
+            z, lse_z[start:stop], row_max[start:stop] = _shifted_logits(flat[start:stop])
+            entropy[start:stop] = lse_z[start:stop] - _probs_and_mean_z(z, lse_z[start:stop])[1]
+        ctx.save_for_backward(logits, row_max, lse_z)
         ctx.rows = rows
         return entropy.reshape(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_entropy: Tensor) -> tuple:
-        logits, entropy, lse = ctx.saved_tensors
+        logits, row_max, lse_z = ctx.saved_tensors
         flat = logits.reshape(-1, logits.shape[-1])
         grad_flat = grad_entropy.reshape(-1)
         grad_logits = torch.empty_like(flat)
         for start in range(0, flat.shape[0], ctx.rows):
             stop = start + ctx.rows
-            x = flat[start:stop].to(lse.dtype)
-            p = torch.exp(x - lse[start:stop, None])
-            expected_x = lse[start:stop] - entropy[start:stop]
-            centred = torch.where(p > 0, x - expected_x[:, None], 0.0)
+            z, _, _ = _shifted_logits(flat[start:stop], row_max[start:stop])
+            p, mean_z = _probs_and_mean_z(z, lse_z[start:stop])
+            centred = torch.where(p > 0, z - mean_z[:, None], 0.0)
             grad_logits[start:stop] = -grad_flat[start:stop, None] * p * centred
         return grad_logits.reshape(logits.shape), None
 
@@ -252,12 +258,10 @@ def log_probs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     flat = logits.reshape(-1, vocab)
     flat_labels = labels.reshape(-1, 1)
     rows = _rows_per_chunk(vocab)
-    dtype = accumulation_dtype(logits.dtype)
-    pieces = [
-        flat[s : s + rows].gather(-1, flat_labels[s : s + rows]).squeeze(-1).to(dtype)
-        - torch.logsumexp(flat[s : s + rows].to(dtype), dim=-1)
-        for s in range(0, flat.shape[0], rows)
-    ]
+    pieces = []
+    for s in range(0, flat.shape[0], rows):
+        z, lse_z, _ = _shifted_logits(flat[s : s + rows])
+        pieces.append(z.gather(-1, flat_labels[s : s + rows]).squeeze(-1) - lse_z)
     return torch.cat(pieces).reshape(labels.shape)
 
 

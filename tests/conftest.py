@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from posttrain.offline import build_qwen_tokenizer, tiny_causal_lm, train_bpe_tokenizer
@@ -14,6 +15,16 @@ CORPUS = [
     "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
     "unicode: héllo wörld, naïve café, 日本語, emoji 🤗🚀",
 ] * 20
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Test tensors are tiny: with two threads on a busy 2-core machine each small op
+    waits milliseconds on an OpenMP barrier, which would dominate the suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
