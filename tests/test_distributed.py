@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -23,24 +22,11 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import reverse_task, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5
 TOLERANCE = 1e-5
-
-
-def reverse_task(n: int, seed: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 7)))
-        rows.append({"prompt": f"Reverse: {word} ->", "response": " " + word[::-1]})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def base_settings(root: Path, model: str, out: Path) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import reverse_task, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,20 +33,6 @@ from posttrain.training import (
 )
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-def reverse_task(n: int, seed: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 7)))
-        rows.append({"prompt": f"Reverse: {word} ->", "response": " " + word[::-1]})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -276,33 +262,13 @@ def test_cli_sft_pins_losses(workdir, tmp_path, capsys) -> None:
     assert losses == pytest.approx(PINNED_LOSSES, rel=1e-4, abs=1e-5)
 
 
-def test_cli_help_lists_options_with_defaults(capsys) -> None:
+def test_cli_help_shows_defaults(capsys) -> None:
+    # Every flag and its default is checked in test_config; here, that the CLI wires it up.
     with pytest.raises(SystemExit) as exit_info:
         main(["sft", "--help"])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for flag in (
-        "--config",
-        "--model",
-        "--train-file",
-        "--eval-file",
-        "--output-dir",
-        "--prompt-field",
-        "--response-field",
-        "--max-seq-len",
-        "--micro-batch-size",
-        "--grad-accum-steps",
-        "--max-steps",
-        "--epochs",
-        "--lr",
-        "--loss-normalization",
-        "--seed",
-        "--resume",
-        "--save-every",
-        "--eval-every",
-    ):
-        assert flag in text
-    assert "default: 2e-05" in text or "default: 2e-5" in text
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--micro-batch-size" in text and "(default: 4)" in text
 
 
 def run_cli_error(args: list[str], capsys) -> str:
