@@ -457,6 +457,32 @@ def load_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> SFTConfig:
     return config_from_dict(load_config(path), source=str(path))
 
 
+def load_pretrained(
+    model_dir: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a local Hugging Face model directory, e.g. RUN_DIR/final.
+
+    posttrain never downloads: a path that is not a model directory is a ValueError
+    naming it, raised before transformers would try the hub.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ValueError(
+            f"model path {str(path)!r} does not exist or is not a directory (posttrain "
+            "loads local Hugging Face model directories)"
+        )
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"{str(path)!r} has no config.json: expected a Hugging Face model directory "
+            "such as RUN_DIR/final"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    return model, tokenizer
+
+
 def _weight_files(ckpt_dir: Path) -> list[Path]:
     index = ckpt_dir / "model.safetensors.index.json"
     if index.is_file():

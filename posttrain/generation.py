@@ -8,9 +8,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
+
+from posttrain.checkpoints import load_pretrained
 
 
 @contextlib.contextmanager
@@ -32,24 +34,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     """`auto` picks CUDA when it is available, else the CPU; anything else is used as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: {exc}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here")
+    return target
 
 
 def load_model_and_tokenizer(
     model_dir: str | Path, device: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a Hugging Face model directory (model + tokenizer) for inference."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{str(path)!r} has no config.json: expected a Hugging Face model directory "
-            "such as RUN_DIR/final"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.to(resolve_device(device)).eval()
+    """Load a Hugging Face model directory (model + tokenizer) for inference on `device`."""
+    target = resolve_device(device)
+    model, tokenizer = load_pretrained(model_dir)
+    model.to(target).eval()
     return model, tokenizer
 
 

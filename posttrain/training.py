@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from posttrain.checkpoints import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
     latest_checkpoint,
     load_model_weights,
+    load_pretrained,
     load_trainer_state,
     restore_rng_state,
     save_checkpoint,
@@ -378,20 +379,6 @@ def prepare_output_dir(config: SFTConfig, info: DistInfo) -> Path:
     return out
 
 
-def load_model_and_tokenizer(config: SFTConfig) -> tuple[PreTrainedModel, object]:
-    path = Path(config.model)
-    if not path.is_dir():
-        raise ValueError(
-            f"model path {config.model!r} does not exist or is not a directory (posttrain "
-            "loads local Hugging Face model directories)"
-        )
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{config.model} has no config.json: not a Hugging Face model directory")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model, tokenizer
-
-
 def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -453,7 +440,8 @@ def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
     torch.manual_seed(config.seed)
 
     # ---- model, tokenizer, data: every input error surfaces here, before training
-    model, tokenizer = load_model_and_tokenizer(config)
+    # fp32 master weights whatever the checkpoint's dtype; autocast does the bf16 compute.
+    model, tokenizer = load_pretrained(config.model, dtype=torch.float32)
     pad_id = pad_token_id_of(tokenizer)
     train_examples, report = load_dataset_for_training(config.train_file, tokenizer, config)
     eval_examples = (
