@@ -26,6 +26,7 @@ on the checkpoint directory); everything else with `load_trainer_state` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -33,7 +34,7 @@ import re
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,23 @@ def _config_dict(config: SFTConfig | Mapping[str, Any] | None) -> SFTConfig | No
     return config_from_dict(config)
 
 
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Hide transformers' "Loading weights" / "Writing model shards" bars inside the block.
+
+    They would break into the training progress bar, or clutter a one-line completion.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _write_model_dir(
     tmp: Path,
     model: torch.nn.Module,
@@ -244,20 +262,12 @@ def _write_model_dir(
     config: SFTConfig | Mapping[str, Any] | None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    from transformers.utils import logging as hf_logging
-
     # transformers 5 always writes safetensors (the `safe_serialization` switch is gone).
-    # Its per-shard tqdm bar would break into the training progress bar, so mute it.
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        # A sharded (FSDP) model is saved from its gathered full state dict.
+    # A sharded (FSDP) model is saved from its gathered full state dict.
+    with quiet_hf_progress():
         unwrap_model(model).save_pretrained(
             tmp, state_dict=dict(state_dict) if state_dict is not None else None
         )
-    finally:
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     cfg = _config_dict(config)
@@ -478,8 +488,9 @@ def load_pretrained(
             f"{str(path)!r} has no config.json: expected a Hugging Face model directory "
             "such as RUN_DIR/final"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    with quiet_hf_progress():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     return model, tokenizer
 
 

@@ -29,12 +29,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from posttrain.checkpoints import quiet_hf_progress
 from posttrain.config import SFTConfig
-from posttrain.generation import (
-    exact_match_accuracy,
-    load_model_and_tokenizer,
-    quiet_hf_progress,
-)
+from posttrain.generation import exact_match_accuracy, load_model_and_tokenizer
 from posttrain.offline import tiny_causal_lm
 
 PROMPT_PREFIX = "Reverse the word: "

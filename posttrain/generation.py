@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from posttrain.checkpoints import load_pretrained
-
-
-@contextlib.contextmanager
-def quiet_hf_progress() -> Iterator[None]:
-    """Hide transformers' "Loading weights" / "Writing model shards" bars inside the block.
-
-    They are noise around a one-line completion or the demo's own progress bar.
-    """
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def resolve_device(device: str = "auto") -> torch.device:

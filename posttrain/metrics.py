@@ -216,6 +216,9 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     return " | ".join(_fmt(k, metrics[k]) for k in keys if k != "step")
 
 
+BAR_KEYS = ("loss", "eval_loss", "lr", "tokens_per_s")
+
+
 class ProgressReporter:
     """A rich progress bar on a terminal, a plain line per logged step otherwise.
 
@@ -264,7 +267,10 @@ class ProgressReporter:
         if not self.enabled:
             return
         if self._progress is not None:
-            fields = {"info": format_metrics(metrics)} if metrics else {}
+            # The bar shares one terminal line: only the headline numbers fit beside it;
+            # metrics.jsonl has them all.
+            shown = {k: metrics[k] for k in BAR_KEYS if k in metrics} if metrics else {}
+            fields = {"info": format_metrics(shown)} if shown else {}
             self._progress.update(self._task, completed=step, **fields)
         elif metrics:
             elapsed = time.monotonic() - self._start

@@ -28,12 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.generation import greedy_generate, load_model_and_tokenizer, quiet_hf_progress
+    from posttrain.generation import greedy_generate, load_model_and_tokenizer
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    with quiet_hf_progress():
-        model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     (completion,) = greedy_generate(model, tokenizer, [args.prompt], args.max_new_tokens)
     print(completion)
     return 0
