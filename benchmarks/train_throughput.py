@@ -242,8 +242,10 @@ def guide_microbatch(model: nn.Module, tokenizer: Any, micro: list[dict[str, str
         model, batch["input_ids"], batch["labels"], return_token_entropy=True
     )
     mask = batch["response_mask"]
+    # Per-sequence sums / (tokens / batch), averaged over the batch: the micro-batch's
+    # mean response-token NLL, comparable with posttrain's reported loss.
     loss, _ = sft_microbatch_train_step(
-        out["log_probs"], mask, GRAD_ACCUM, normalize_constant=float(mask.sum())
+        out["log_probs"], mask, GRAD_ACCUM, normalize_constant=float(mask.sum()) / len(micro)
     )
     masked_mean(out["token_entropy"].detach(), mask).item()  # the guide logs it
     return loss.item()
