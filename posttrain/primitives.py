@@ -259,9 +259,11 @@ def log_probs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     flat_labels = labels.reshape(-1, 1)
     rows = _rows_per_chunk(vocab)
     pieces = []
-    for s in range(0, flat.shape[0], rows):
-        z, lse_z, _ = _shifted_logits(flat[s : s + rows])
-        pieces.append(z.gather(-1, flat_labels[s : s + rows]).squeeze(-1) - lse_z)
+    # split(), not slicing in a loop: the backward of each slice would write a full-size
+    # zero gradient; split's backward concatenates the chunk gradients once.
+    for chunk, chunk_labels in zip(flat.split(rows), flat_labels.split(rows), strict=True):
+        z, lse_z, _ = _shifted_logits(chunk)
+        pieces.append(z.gather(-1, chunk_labels).squeeze(-1) - lse_z)
     return torch.cat(pieces).reshape(labels.shape)
 
 
