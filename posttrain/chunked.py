@@ -255,6 +255,14 @@ class _Projector:
                 tanh_out.copy_(out)
             out.mul_(self.softcap)
 
+    def times_weight(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, vocab) compute-dtype rows -> rows @ W, (n, hidden) in the compute dtype."""
+        if self.low is None:
+            return rows @ self.weight
+        low = self.low[: rows.shape[0]]
+        low.copy_(rows)
+        return (low @ self.weight).to(self.cdtype)
+
     def grad_hidden(self, grad_z: torch.Tensor) -> torch.Tensor:
         """(n, vocab) compute-dtype gradient w.r.t. logits -> (n, hidden) w.r.t. hidden."""
         n = grad_z.shape[0]
@@ -563,7 +571,10 @@ class _FusedLinearNLL(torch.autograd.Function):
         ent_sum = torch.zeros((), dtype=cdtype, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=cdtype, device=device) if need_w else None
+        # The linear path writes the first chunk's weight gradient whole, so it needs no
+        # zero fill (a vocabulary x hidden pass) unless there is no chunk at all.
+        alloc = torch.empty if softcap is None and n_rows > 0 else torch.zeros
+        grad_weight = alloc(weight.shape, dtype=cdtype, device=device) if need_w else None
         grad_bias = torch.zeros(vocab, dtype=cdtype, device=device) if need_b else None
         with torch.autocast(device.type, enabled=False):
             proj = _Projector(
@@ -574,7 +585,7 @@ class _FusedLinearNLL(torch.autograd.Function):
             pbuf = torch.empty_like(buf)
             tbuf = torch.empty_like(buf) if softcap is not None else None
             gw_low = None
-            if need_w and narrow:
+            if need_w and narrow and softcap is not None:
                 gw_low = torch.empty(weight.shape, dtype=proj.mdtype, device=device)
             for r0 in range(0, n_rows, rows):
                 r1 = min(r0 + rows, n_rows)
@@ -584,6 +595,7 @@ class _FusedLinearNLL(torch.autograd.Function):
                 t = None if tbuf is None else tbuf[:n]
                 proj.logits(h, z, t)
                 z_y = z.gather(1, y[:, None]).squeeze(1)
+                correct += (z_y >= z.amax(dim=1)).sum()
                 p = torch.softmax(z, dim=1, out=pbuf[:n])
                 p_y = p.gather(1, y[:, None]).squeeze(1)
                 lse = z_y - p_y.log()
@@ -591,18 +603,48 @@ class _FusedLinearNLL(torch.autograd.Function):
                 if bool(tiny.any()):
                     lse[tiny] = torch.logsumexp(z[tiny], dim=1)
                 nll = lse - z_y
-                correct += (z_y >= z.amax(dim=1)).sum()
-                # z is not needed after this: it becomes p * z for the entropy.
-                ent_sum += (lse - z.mul_(p).sum(dim=1)).sum()
                 nll_sum += nll.sum()
                 loss += (w * nll).sum()
+                if softcap is None:
+                    # z = s (h W^T + b) is linear in h, so everything left goes through
+                    # pW = p @ W, one (n, hidden) matmul: E_p[z] = s (h . pW + p . b) for the
+                    # entropy, and with dL/dz = w (p - onehot(y)) the gradients are
+                    # s w (pW - W[y]) for h, s p^T (w h) - onehot rows for W. No (n, vocab)
+                    # pass beyond the softmax.
+                    pw = proj.times_weight(p)
+                    mean_z = (h.to(cdtype) * pw).sum(dim=1)
+                    if bias is not None:
+                        mean_z += p @ bias.to(cdtype)
+                    ent_sum += (lse - logit_scale * mean_z).sum()
+                    if not (need_h or need_w or need_b):
+                        continue
+                    sw = logit_scale * w
+                    if grad_hidden is not None:
+                        w_y = weight.index_select(0, y).to(cdtype)
+                        grad_hidden[r0:r1] = (sw[:, None] * (pw - w_y)).to(hidden.dtype)
+                    if grad_weight is not None:
+                        wh = sw[:, None] * h.to(cdtype)
+                        # In the compute dtype even with narrow matmuls: accumulating a
+                        # narrow (vocab, hidden) product per chunk would cost an upcast
+                        # and an add of that size, as much as the matmul saves.
+                        if r0 == 0:
+                            torch.mm(p.t(), wh, out=grad_weight)
+                        else:
+                            grad_weight.addmm_(p.t(), wh)
+                        grad_weight.index_add_(0, y, -wh)
+                    if grad_bias is not None:
+                        grad_bias.addmv_(p.t(), sw)
+                        grad_bias.index_add_(0, y, -sw)
+                    continue
+                # Soft-capped logits: the entropy and dL/dz from the chunk itself.
+                # z is not needed after this: it becomes p * z for the entropy.
+                ent_sum += (lse - z.mul_(p).sum(dim=1)).sum()
                 if not (need_h or need_w or need_b):
                     continue
                 # dL/dz = w * (p - onehot(y)), then through soft-capping and scale.
                 gz = p.mul_(w[:, None])
                 gz.scatter_add_(1, y[:, None], -w[:, None])
-                if t is not None:
-                    gz.mul_(t.mul_(t).neg_().add_(1.0))
+                gz.mul_(t.mul_(t).neg_().add_(1.0))
                 if logit_scale != 1.0:
                     gz.mul_(logit_scale)
                 if grad_hidden is not None:

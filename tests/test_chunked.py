@@ -484,7 +484,7 @@ def reference_nll(hidden, weight, bias, labels, token_weights, scale=1.0, softca
 
 
 @pytest.mark.parametrize(
-    ("scale", "softcap", "chunk"), [(1.0, None, 3), (0.6, 1.5, 2), (1, None, 1)]
+    ("scale", "softcap", "chunk"), [(1.0, None, 3), (0.6, 1.5, 2), (1, None, 1), (0.6, None, 2)]
 )
 def test_fused_nll_float64_exact(scale: float, softcap: float | None, chunk: int) -> None:
     # Not gradcheck: the stored gradients are released by the first backward, and
