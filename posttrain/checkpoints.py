@@ -34,7 +34,7 @@ import re
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +278,30 @@ def _write_model_dir(
 # --------------------------------------------------------------------------- save
 
 
+def _write_atomically(
+    target: Path, write: Callable[[Path], None], marker_info: dict[str, Any]
+) -> None:
+    """Have `write` fill a temporary directory next to `target`, sync it, mark it complete
+    and rename it into place: a kill at any point leaves no half-written `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        # The marker goes last: its presence vouches for everything written before it.
+        _write_marker(tmp, {**marker_info, "time": time.time()})
+        _move_into_place(tmp, target)
+    except BaseException:
+        # Includes KeyboardInterrupt; the partial directory would only be cleaned by
+        # the next save, so try now (a hard kill still leaves it for that cleanup).
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _clean_scratch(target.parent)
+
+
 def checkpoint_dir(output_dir: str | os.PathLike[str], step: int) -> Path:
     """Where the checkpoint of `step` lives (whether or not it exists)."""
     return Path(output_dir) / CHECKPOINTS_DIR / f"step-{step:06d}"
@@ -334,25 +358,12 @@ def save_checkpoint(
     }
     _check_loadable(state, "trainer_state")
 
-    target = checkpoint_dir(output_dir, step)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         _write_model_dir(tmp, model, tokenizer, cfg, model_state_dict)
         torch.save(state, tmp / TRAINER_STATE_FILE)
-        _fsync_tree(tmp)
-        # The marker goes last: its presence vouches for everything written before it.
-        _write_marker(tmp, {"step": int(step), "time": time.time()})
-        _move_into_place(tmp, target)
-    except BaseException:
-        # Includes KeyboardInterrupt; the partial directory would only be cleaned by
-        # the next save, so try now (a hard kill still leaves it for that cleanup).
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _clean_scratch(target.parent)
+
+    target = checkpoint_dir(output_dir, step)
+    _write_atomically(target, write, {"step": int(step)})
     if keep_last is not None:
         prune_checkpoints(output_dir, keep_last)
     return target
@@ -371,20 +382,11 @@ def save_final_model(
     `model_state_dict`: the gathered full weights of a sharded model (see `save_checkpoint`).
     """
     target = Path(output_dir) / FINAL_DIR
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        _write_model_dir(tmp, model, tokenizer, config, model_state_dict)
-        _fsync_tree(tmp)
-        _write_marker(tmp, {"final": True, "time": time.time()})
-        _move_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _clean_scratch(target.parent)
+    _write_atomically(
+        target,
+        lambda tmp: _write_model_dir(tmp, model, tokenizer, config, model_state_dict),
+        {"final": True},
+    )
     return target
 
 
