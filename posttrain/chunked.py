@@ -255,13 +255,14 @@ class _Projector:
                 tanh_out.copy_(out)
             out.mul_(self.softcap)
 
-    def times_weight(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, vocab) compute-dtype rows -> rows @ W, (n, hidden) in the compute dtype."""
+    def times_weight(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, vocab) compute-dtype rows -> (rows @ W, (n, hidden) in the compute dtype; the
+        rows as the matmul saw them, narrowed into the reused buffer when it is narrow)."""
         if self.low is None:
-            return rows @ self.weight
+            return rows @ self.weight, rows
         low = self.low[: rows.shape[0]]
         low.copy_(rows)
-        return (low @ self.weight).to(self.cdtype)
+        return (low @ self.weight).to(self.cdtype), low
 
     def grad_hidden(self, grad_z: torch.Tensor) -> torch.Tensor:
         """(n, vocab) compute-dtype gradient w.r.t. logits -> (n, hidden) w.r.t. hidden."""
@@ -585,8 +586,9 @@ class _FusedLinearNLL(torch.autograd.Function):
             pbuf = torch.empty_like(buf)
             tbuf = torch.empty_like(buf) if softcap is not None else None
             gw_low = None
-            if need_w and narrow and softcap is not None:
+            if need_w and narrow:
                 gw_low = torch.empty(weight.shape, dtype=proj.mdtype, device=device)
+            onehot_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
             for r0 in range(0, n_rows, rows):
                 r1 = min(r0 + rows, n_rows)
                 n = r1 - r0
@@ -611,7 +613,7 @@ class _FusedLinearNLL(torch.autograd.Function):
                     # entropy, and with dL/dz = w (p - onehot(y)) the gradients are
                     # s w (pW - W[y]) for h, s p^T (w h) - onehot rows for W. No (n, vocab)
                     # pass beyond the softmax.
-                    pw = proj.times_weight(p)
+                    pw, p_mm = proj.times_weight(p)
                     mean_z = (h.to(cdtype) * pw).sum(dim=1)
                     if bias is not None:
                         mean_z += p @ bias.to(cdtype)
@@ -624,14 +626,21 @@ class _FusedLinearNLL(torch.autograd.Function):
                         grad_hidden[r0:r1] = (sw[:, None] * (pw - w_y)).to(hidden.dtype)
                     if grad_weight is not None:
                         wh = sw[:, None] * h.to(cdtype)
-                        # In the compute dtype even with narrow matmuls: accumulating a
-                        # narrow (vocab, hidden) product per chunk would cost an upcast
-                        # and an add of that size, as much as the matmul saves.
-                        if r0 == 0:
-                            torch.mm(p.t(), wh, out=grad_weight)
+                        if gw_low is None and r0 == 0:
+                            torch.mm(p_mm.t(), wh, out=grad_weight)
+                        elif gw_low is None:
+                            grad_weight.addmm_(p_mm.t(), wh)
+                        elif r0 == 0:
+                            torch.mm(p_mm.t(), wh.to(proj.mdtype), out=gw_low)
                         else:
-                            grad_weight.addmm_(p.t(), wh)
-                        grad_weight.index_add_(0, y, -wh)
+                            # Accumulated narrow and upcast once after the last chunk: a
+                            # per-chunk upcast and add of (vocab, hidden) would cost as much
+                            # as the narrow matmul saves.
+                            gw_low.addmm_(p_mm.t(), wh.to(proj.mdtype))
+                        if gw_low is None:
+                            grad_weight.index_add_(0, y, -wh)
+                        else:
+                            onehot_rows.append((y, -wh))
                     if grad_bias is not None:
                         grad_bias.addmv_(p.t(), sw)
                         grad_bias.index_add_(0, y, -sw)
@@ -659,6 +668,10 @@ class _FusedLinearNLL(torch.autograd.Function):
                         grad_weight += gw_low
                 if grad_bias is not None:
                     grad_bias += gz.sum(dim=0)
+        if onehot_rows:
+            grad_weight.copy_(gw_low)
+            for y, neg_wh in onehot_rows:
+                grad_weight.index_add_(0, y, neg_wh)
         stats.extend([nll_sum, ent_sum, correct])
         ctx.grads = (
             grad_hidden,
