@@ -7,6 +7,8 @@ import json
 import random
 from pathlib import Path
 
+from posttrain.config import SFTConfig
+
 
 def reverse_task(n: int, seed: int) -> list[dict[str, str]]:
     """`n` word-reversal prompt/response pairs, reproducible from `seed`."""
@@ -18,6 +20,11 @@ def reverse_task(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list[object]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def cfg(**kw: object) -> SFTConfig:
+    """A config for data-only tests: the model and train file are never opened."""
+    return SFTConfig(model="unused", train_file="unused", **kw)  # type: ignore[arg-type]

@@ -29,6 +29,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def reference_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """softcap(scale * (hidden @ weight.T + bias)), written out."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
 def reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -38,13 +55,7 @@ def reference(
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full logits, log_softmax, gather; entropy = -sum p log p."""
-    logits = hidden @ weight.t()
-    if bias is not None:
-        logits = logits + bias
-    logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(reference_logits(hidden, weight, bias, scale, softcap), dim=-1)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
@@ -470,12 +481,7 @@ def test_get_response_log_probs_falls_back_for_unknown_models(
 
 def reference_nll(hidden, weight, bias, labels, token_weights, scale=1.0, softcap=None):
     """Straightforward path: full logits, log_softmax, weighted sum; plus the statistics."""
-    logits = hidden @ weight.t()
-    if bias is not None:
-        logits = logits + bias
-    logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = reference_logits(hidden, weight, bias, scale, softcap)
     logp = torch.log_softmax(logits, dim=-1)
     nll = -logp.gather(-1, labels[:, None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cfg, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
-from posttrain.config import SFTConfig
 from posttrain.data import (
     Record,
     collate,
@@ -47,15 +47,6 @@ CHAT = [
     {"role": "user", "content": "And the quick brown fox?"},
     {"role": "assistant", "content": "It jumps over the lazy dog."},
 ]
-
-
-def cfg(**kw: object) -> SFTConfig:
-    return SFTConfig(model="unused", train_file="unused", **kw)  # type: ignore[arg-type]
-
-
-def write_jsonl(path: Path, rows: list[object]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def trained_runs(ids: list[int], mask: list[int]) -> list[list[int]]:

@@ -7,11 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import cfg, write_jsonl
 from rich.text import Text
 from transformers import PreTrainedTokenizerFast
 
 from posttrain.cli.main import main
-from posttrain.config import SFTConfig
 from posttrain.data import (
     Record,
     collate,
@@ -46,15 +46,6 @@ CHAT = [
     {"role": "user", "content": "Hello?"},
     {"role": "assistant", "content": "Hello, world!"},
 ]
-
-
-def cfg(**kw: object) -> SFTConfig:
-    return SFTConfig(model="unused", train_file="unused", **kw)  # type: ignore[arg-type]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def n_tokens(tok: PreTrainedTokenizerFast, text: str, special: bool) -> int:
