@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from posttrain.primitives import check_token_ids
+
 logger = logging.getLogger("posttrain")
 
 # Working-set budget for one chunk's logits (and their scratch copies). With two
@@ -179,20 +181,6 @@ def default_chunk_size(
     if rows >= 32:
         rows -= rows % 32
     return max(1, int(rows))
-
-
-def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.numel() == 0:
-        return
-    bad = (labels < 0) | (labels >= vocab_size)
-    if bool(bad.any()):
-        value = int(labels[bad][0])
-        raise ValueError(
-            f"label {value} is outside the vocabulary [0, {vocab_size}); mask ignored "
-            "positions with a valid id (e.g. 0) instead of a sentinel such as -100"
-        )
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -461,7 +449,7 @@ def chunked_log_probs(
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
     vocab, width = weight.shape
-    _check_labels(labels, vocab)
+    check_token_ids("labels", labels, vocab)
     if chunk_size is None:
         budget = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
         chunk_size = default_chunk_size(vocab, width, hidden.dtype, budget)
@@ -501,7 +489,6 @@ def lean_response_log_probs(
     head = find_linear_head(model)
     if head is None:
         return None
-    _check_labels(labels, head.weight.shape[0])
     hidden = body_hidden_states(model, input_ids, attention_mask)
     log_probs, entropy = chunked_log_probs(
         hidden,
@@ -741,7 +728,7 @@ def fused_linear_nll(
     if matmul_dtype is not None and not matmul_dtype.is_floating_point:
         raise ValueError(f"matmul_dtype must be a float dtype, got {matmul_dtype}")
     vocab, width = weight.shape
-    _check_labels(labels, vocab)
+    check_token_ids("labels", labels, vocab)
     if chunk_size is None:
         budget = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
         chunk_size = default_chunk_size(vocab, width, matmul_dtype or hidden.dtype, budget)
