@@ -7,7 +7,7 @@ Each case runs forward + backward of
 on a Qwen2-architecture model built from config with the real 151,936-entry
 vocabulary (hidden 256, 4 layers, tied embeddings, random weights), once with the
 guide's code (`model(...).logits`, `log_softmax` + `gather`, entropy from `softmax`
-and `logsumexp`) and once with `posttrain.chunked.lean_response_log_probs`. Each
+and `logsumexp`) and once with `posttrain.primitives.lean_response_log_probs`. Each
 path runs in a fresh Python process so neither sees the other's allocator state.
 
 Reported per path: median seconds of several timed steps (after one warm-up step),
@@ -85,7 +85,7 @@ def _guide_step(model, input_ids, labels, attention_mask, mask):
 
 
 def _posttrain_step(model, input_ids, labels, attention_mask, mask, chunk_size):
-    from posttrain.chunked import lean_response_log_probs
+    from posttrain.primitives import lean_response_log_probs
 
     out = lean_response_log_probs(
         model,

@@ -105,7 +105,7 @@ def prepare(workdir: Path, data: Path, cases: list[str]) -> dict[str, int]:
     runs' tokens/s share one numerator.
     """
     from posttrain.config import SFTConfig
-    from posttrain.data import load_dataset_for_training
+    from posttrain.data.tokenized import load_dataset_for_training
     from posttrain.offline import (
         QWEN25_VOCAB_SIZE,
         build_qwen_tokenizer,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -41,6 +40,8 @@ from typing import Any
 import torch
 
 from posttrain.config import SFTConfig, config_from_dict, save_config
+from posttrain.distributed import unwrap_model
+from posttrain.rng_state import collect_rng_state
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -53,83 +54,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Temporary names made by this module: `<name>.tmp-<pid>` (being written) and
 # `<name>.old-<pid>` (a replaced directory awaiting deletion).
 _SCRATCH_DIR = re.compile(r"^(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
-
-
-# --------------------------------------------------------------------------- RNG
-
-
-def collect_rng_state() -> dict[str, Any]:
-    """The state of every random generator a training loop may draw from.
-
-    Stored with only tensors and builtin types so that `torch.load(weights_only=True)`
-    can read it back.
-    """
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "torch_cpu": torch.get_rng_state(),
-    }
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional: nothing to save if it is not installed
-        pass
-    else:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        }
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    if hasattr(torch, "mps") and torch.backends.mps.is_available():
-        state["torch_mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore the generators saved by `collect_rng_state`.
-
-    Accepts either that dict or a whole trainer state (whose "rng" entry is used).
-    Generators absent from `state` are left alone.
-    """
-    if "rng" in state:
-        state = state["rng"]
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "torch_cpu" in state:
-        torch.set_rng_state(state["torch_cpu"])
-    if "numpy" in state:
-        import numpy as np
-
-        np_state = state["numpy"]
-        np.random.set_state(
-            (
-                np_state["kind"],
-                np_state["keys"].numpy().astype(np.uint32),
-                np_state["pos"],
-                np_state["has_gauss"],
-                np_state["cached_gaussian"],
-            )
-        )
-    if "torch_cuda" in state and torch.cuda.is_available():
-        cuda_states = state["torch_cuda"]
-        if len(cuda_states) != torch.cuda.device_count():
-            # Restoring a subset would silently diverge; this is worth a loud error
-            # only if the caller cares, so restore what matches and say so.
-            import warnings
-
-            warnings.warn(
-                f"checkpoint has CUDA RNG states for {len(cuda_states)} devices, this "
-                f"process sees {torch.cuda.device_count()}; restoring the common ones",
-                stacklevel=2,
-            )
-        for index, device_state in enumerate(cuda_states[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state, index)
-    if "torch_mps" in state and hasattr(torch, "mps") and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["torch_mps"])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -180,17 +104,6 @@ def _fsync_tree(root: Path) -> None:
         for filename in filenames:
             _fsync_path(Path(dirpath) / filename)
         _fsync_path(Path(dirpath))
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The underlying model of a DDP / torch.compile wrapper."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def _write_marker(directory: Path, info: dict[str, Any]) -> None:
@@ -469,6 +382,28 @@ def load_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> SFTConfig:
     return config_from_dict(load_config(path), source=str(path))
 
 
+def _model_dir(model_dir: str | os.PathLike[str]) -> Path:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ValueError(
+            f"model path {str(path)!r} does not exist or is not a directory (posttrain "
+            "loads local Hugging Face model directories)"
+        )
+    return path
+
+
+def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
+    """The tokenizer of a local model directory; posttrain never downloads one."""
+    from transformers import AutoTokenizer
+
+    path = _model_dir(model_dir)
+    with quiet_hf_progress():
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load a tokenizer from {path}: {exc}") from None
+
+
 def load_pretrained(
     model_dir: str | os.PathLike[str], dtype: torch.dtype | None = None
 ) -> tuple[Any, Any]:
@@ -477,21 +412,16 @@ def load_pretrained(
     posttrain never downloads: a path that is not a model directory is a ValueError
     naming it, raised before transformers would try the hub.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ValueError(
-            f"model path {str(path)!r} does not exist or is not a directory (posttrain "
-            "loads local Hugging Face model directories)"
-        )
+    path = _model_dir(model_dir)
     if not (path / "config.json").is_file():
         raise ValueError(
             f"{str(path)!r} has no config.json: expected a Hugging Face model directory "
             "such as RUN_DIR/final"
         )
+    tokenizer = load_tokenizer(path)
     with quiet_hf_progress():
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     return model, tokenizer
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
@@ -22,6 +23,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from posttrain.data.records import DataFormat
+
+logger = logging.getLogger("posttrain")
 
 # Marks the two fields that have no default, so that the dataclass can keep the
 # declared field order (model and train_file first) and still report a clean
@@ -77,7 +82,7 @@ class SFTConfig:
         "auto", "auto: bf16 autocast where the device supports it, else fp32"
     )
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
-    logprob_chunk_size: int | None = _f(
+    loss_chunk_size: int | None = _f(
         None, "tokens per chunk of the LM-head/loss computation (none: from a 320 MiB budget)"
     )
     head_matmul_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the LM-head matmul")
@@ -110,8 +115,14 @@ class SFTConfig:
             setattr(self, name, _coerce(name, getattr(self, name)))
         _validate(self)
 
+    def data_format(self) -> DataFormat:
+        """The data settings, as the plain values the data path takes."""
+        return DataFormat(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataFormat)})
+
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(SFTConfig)}
+# Old key -> new key: still accepted, with a deprecation message.
+RENAMED = {"logprob_chunk_size": "loss_chunk_size"}
 REQUIRED_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["required"])
 # Resolved once: with `from __future__ import annotations` the annotations are strings.
 _TYPES: dict[str, Any] = typing.get_type_hints(SFTConfig)
@@ -219,10 +230,24 @@ def _coerce(name: str, value: Any) -> Any:
 # --------------------------------------------------------------------------- validation
 
 
+def _renamed(values: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """`values` with deprecated keys moved to their new names (each said once)."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old not in out:
+            continue
+        where = f" in {source}" if source else ""
+        if new in out:
+            raise ValueError(f"both {old!r} and its new name {new!r} are set{where}; keep {new!r}")
+        logger.warning("posttrain: %r%s is deprecated, use %r (%s)", old, where, new, _flag(new))
+        out[new] = out.pop(old)
+    return out
+
+
 def _check_unknown(keys: typing.Iterable[str], source: str | None = None) -> None:
     where = f" in {source}" if source else ""
     for key in keys:
-        if key in FIELDS:
+        if key in FIELDS or key in RENAMED:
             continue
         key_str = str(key)
         guess = difflib.get_close_matches(
@@ -247,7 +272,7 @@ def _validate(cfg: SFTConfig) -> None:
         need(bool(getattr(cfg, name)), name, "must not be empty")
     for name in ("max_seq_len", "micro_batch_size", "grad_accum_steps", "log_every", "keep_last"):
         need(getattr(cfg, name) >= 1, name, "must be >= 1")
-    for name in ("max_steps", "logprob_chunk_size", "num_threads"):
+    for name in ("max_steps", "loss_chunk_size", "num_threads"):
         value = getattr(cfg, name)
         need(value is None or value >= 1, name, "must be >= 1 (or none)")
     for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm"):
@@ -283,7 +308,7 @@ def config_from_dict(d: typing.Mapping[str, Any], source: str | None = None) -> 
         raise ValueError(f"config must be a mapping, got {type(d).__name__}")
     _check_unknown(d, source)
     try:
-        return SFTConfig(**d)
+        return SFTConfig(**_renamed(dict(d), source))
     except ValueError as exc:
         if source:
             raise ValueError(f"{source}: {exc}") from None
@@ -392,6 +417,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                 "|none" if optional else ""
             )
         group.add_argument(_flag(name), **kwargs)
+    for old, new in RENAMED.items():
+        group.add_argument(
+            _flag(old),
+            dest=old,
+            default=argparse.SUPPRESS,
+            type=_arg_type(new),
+            help=argparse.SUPPRESS,
+        )
     return parser
 
 
@@ -402,6 +435,7 @@ def config_from_args(args: argparse.Namespace) -> SFTConfig:
     if source:
         values = load_config(source)
         _check_unknown(values, str(source))
+        values = _renamed(values, str(source))
         # Type errors in the file are reported with its name; once flags are merged
         # in, a bad value could come from either, so later errors name only the field.
         for name, value in values.items():
@@ -409,7 +443,6 @@ def config_from_args(args: argparse.Namespace) -> SFTConfig:
                 values[name] = _coerce(name, value)
             except ValueError as exc:
                 raise ValueError(f"{source}: {exc}") from None
-    for name in FIELDS:
-        if hasattr(args, name):
-            values[name] = getattr(args, name)
+    flags = {name: getattr(args, name) for name in (*FIELDS, *RENAMED) if hasattr(args, name)}
+    values.update(_renamed(flags))
     return SFTConfig(**values)

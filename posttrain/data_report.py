@@ -16,7 +16,7 @@ import html
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,14 @@ import torch
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.config import SFTConfig
-from posttrain.data import (
-    Record,
+from posttrain.data.batching import collate, epoch_padding_fractions
+from posttrain.data.records import DataFormat, Record
+from posttrain.data.tokenized import (
+    DataReport,
     TokenizedExample,
     apply_max_seq_len,
     build_data_report,
-    collate,
     encode_records,
-    epoch_padding_fractions,
 )
 from posttrain.primitives import encode_prompts_and_outputs
 
@@ -86,29 +85,19 @@ class BoundaryMismatch:
     joint: list[str]
 
 
-@dataclass
-class DataStats:
-    """Statistics of one data set as `posttrain sft` would train on it.
+@dataclass(kw_only=True)
+class DataStats(DataReport):
+    """Statistics of one data set as `posttrain sft` would train on it: the trainer's
+    `DataReport` plus what only `inspect` computes.
 
     Length percentiles are in tokens, before max_seq_len is applied (the data as it is);
     a response's length counts its trained tokens (response and EOS; for chats every
     assistant turn). Counts of EOS and padding are after max_seq_len (as trained).
     """
 
-    path: str
-    num_records: int
-    num_examples: int
-    num_chat: int
     prompt_length_percentiles: dict[str, int]
     response_length_percentiles: dict[str, int]
     total_length_percentiles: dict[str, int]
-    max_seq_len: int
-    truncation: str
-    num_over_max_len: int
-    num_truncated: int
-    num_dropped: int
-    num_empty_responses: int
-    num_without_eos: int
     num_duplicate_prompts: int
     micro_batch_size: int
     padding_fraction_in_order: float
@@ -180,39 +169,33 @@ def boundary_mismatches(
 def compute_stats(
     records: Sequence[Record],
     tokenizer: PreTrainedTokenizerBase,
-    config: SFTConfig,
+    fmt: DataFormat,
     path: str | os.PathLike[str] = "",
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int = 1,
+    seed: int = 0,
 ) -> tuple[DataStats, list[TokenizedExample]]:
-    """Statistics of `records` under `config`, and the examples as trained.
+    """Statistics of `records` under `fmt`, and the examples as trained.
 
     Runs `encode_records` and `apply_max_seq_len` (what `tokenize_records` runs) once,
-    and the batch planner for the padding fractions (one rank, `config.seed`, epoch 0).
+    and the batch planner for the padding fractions (one rank, `seed`, epoch 0).
     """
-    encoded = encode_records(records, tokenizer, config)
-    kept, dropped = apply_max_seq_len(encoded, config.max_seq_len, config.truncation)
-    report = build_data_report(encoded, kept, dropped, tokenizer, config, path)
+    encoded = encode_records(records, tokenizer, fmt)
+    kept, dropped = apply_max_seq_len(encoded, fmt.max_seq_len, fmt.truncation)
+    report = build_data_report(encoded, kept, dropped, tokenizer, fmt, path)
     in_order, grouped = epoch_padding_fractions(
-        [len(e) for e in kept], config.micro_batch_size, config.grad_accum_steps, 1, config.seed
+        [len(e) for e in kept], micro_batch_size, grad_accum_steps, 1, seed
     )
     checked, mismatches = boundary_mismatches(records, tokenizer)
     prompt_keys = [_prompt_key(r) for r in records]
     stats = DataStats(
-        path=str(path),
-        num_records=report.num_records,
-        num_examples=report.num_examples,
-        num_chat=report.num_chat,
+        **{f.name: getattr(report, f.name) for f in fields(DataReport)},
         prompt_length_percentiles=length_percentiles([e.prompt_len for e in encoded]),
         response_length_percentiles=length_percentiles([sum(e.loss_mask) for e in encoded]),
         total_length_percentiles=length_percentiles([len(e) for e in encoded]),
-        max_seq_len=config.max_seq_len,
-        truncation=config.truncation,
-        num_over_max_len=report.num_over_max_len,
-        num_truncated=report.num_truncated,
-        num_dropped=report.num_dropped,
-        num_empty_responses=report.num_empty_responses,
-        num_without_eos=report.num_without_eos,
         num_duplicate_prompts=len(prompt_keys) - len(set(prompt_keys)),
-        micro_batch_size=config.micro_batch_size,
+        micro_batch_size=micro_batch_size,
         padding_fraction_in_order=in_order,
         padding_fraction_grouped=grouped,
         num_boundary_checked=checked,

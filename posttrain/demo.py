@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import shutil
 import string
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,10 +28,13 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from posttrain import run_dir
 from posttrain.checkpoints import quiet_hf_progress
 from posttrain.config import SFTConfig
 from posttrain.generation import exact_match_accuracy, load_model_and_tokenizer
+from posttrain.jsonl import read_jsonl, write_jsonl
 from posttrain.offline import tiny_causal_lm
+from posttrain.training import RUN_ARTIFACTS, train
 
 PROMPT_PREFIX = "Reverse the word: "
 PROMPT_SUFFIX = " ="
@@ -54,9 +56,10 @@ SUMMARY_FILE = "summary.json"
 # "stressed" reversed is "desserts": the word the summary suggests trying.
 TRY_WORD = "stressed"
 
-# The file the demo writes first; an existing directory holding it is a demo run that
-# --overwrite may delete. Any other non-empty directory is left alone.
+# The file the demo writes first, with the demo's settings.
 MARKER_FILE = "demo_config.json"
+# Everything a demo run writes into its directory; --overwrite deletes only these.
+DEMO_ARTIFACTS = (MARKER_FILE, TRAIN_FILE, EVAL_FILE, BASE_MODEL_DIR, SUMMARY_FILE, *RUN_ARTIFACTS)
 
 
 class DemoError(ValueError):
@@ -118,13 +121,6 @@ def make_reversal_examples(
     return examples[num_eval:], examples[:num_eval]
 
 
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """One JSON object per line."""
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def train_char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """A character-level tokenizer whose vocabulary is the characters seen in `texts`.
 
@@ -174,21 +170,12 @@ def build_base_model(tokenizer: PreTrainedTokenizerFast, settings: DemoSettings)
 
 def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Make `output_dir` empty, refusing to mix runs or to delete what isn't a demo run."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DemoError(f"{str(output_dir)!r} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise DemoError(
-                f"{str(output_dir)!r} already holds a run; pass --overwrite to replace it, "
-                "or choose another --output-dir"
-            )
-        if not (output_dir / MARKER_FILE).is_file():
-            raise DemoError(
-                f"{str(output_dir)!r} is not empty and does not look like a demo run "
-                f"(no {MARKER_FILE}); not deleting it. Choose another --output-dir"
-            )
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.prepare_output_dir(
+            output_dir, DEMO_ARTIFACTS, overwrite=overwrite, resume=None, exclusive=True
+        )
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
 
 
 def write_task_files(output_dir: Path, settings: DemoSettings) -> tuple[Path, Path]:
@@ -200,12 +187,6 @@ def write_task_files(output_dir: Path, settings: DemoSettings) -> tuple[Path, Pa
     write_jsonl(train_path, train_rows)
     write_jsonl(eval_path, eval_rows)
     return train_path, eval_path
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The objects of a JSONL file, one per non-empty line."""
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def sft_config_for(
@@ -289,10 +270,9 @@ def run_demo(
 def _run(
     out: Path, settings: DemoSettings, progress: bool, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    from posttrain.training import train
-
     train_path, eval_path = write_task_files(out, settings)
-    train_rows, eval_rows = read_jsonl(train_path), read_jsonl(eval_path)
+    train_rows = [row for _, row in read_jsonl(train_path)]
+    eval_rows = [row for _, row in read_jsonl(eval_path)]
     say(
         f"task: word reversal, e.g. {eval_rows[0]['prompt']!r} -> {eval_rows[0]['response']!r}\n"
         f"  data: {train_path} ({len(train_rows)} examples), "

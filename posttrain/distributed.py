@@ -198,11 +198,18 @@ def is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def local_module(module: nn.Module) -> nn.Module:
-    """The module a DDP wrapper holds (for forwards that must not synchronise)."""
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The module inside DDP and `torch.compile` wrappers: for saving, and for forwards
+    that must not synchronise."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return module.module if isinstance(module, DistributedDataParallel) else module
+    while True:
+        if hasattr(module, "_orig_mod"):  # torch.compile
+            module = module._orig_mod
+        elif isinstance(module, DistributedDataParallel):
+            module = module.module
+        else:
+            return module
 
 
 # --------------------------------------------------------------------------- state

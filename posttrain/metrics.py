@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from posttrain.config import SFTConfig, config_to_dict
+from posttrain.jsonl import read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -70,23 +70,15 @@ def require_tracker(report_to: str) -> Any:
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file; a torn last line (from a kill) is skipped."""
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                records.append(record)
-    return records
+    rows = read_jsonl(path, skip_malformed=True)
+    return [r for _, r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
 
 
 class MetricsLogger:
     """Append metrics to OUTPUT_DIR/metrics.jsonl and, if asked, to wandb or tensorboard.
+
+    `run_config`: the run's settings as a dict; its `report_to` picks the tracker, and
+    wandb records the whole dict.
 
     With `resume_step` set (a resumed run), earlier lines are kept except those with
     step > resume_step, which the resumed run is about to log again; otherwise the file
@@ -96,7 +88,7 @@ class MetricsLogger:
     def __init__(
         self,
         output_dir: str | os.PathLike[str],
-        config: SFTConfig | Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None,
         enabled: bool = True,
         resume_step: int | None = None,
     ) -> None:
@@ -107,10 +99,7 @@ class MetricsLogger:
         self._tb_writer: Any = None
         if not enabled:
             return
-        if isinstance(config, SFTConfig):
-            config_dict: dict[str, Any] = config_to_dict(config)
-        else:
-            config_dict = dict(config) if config is not None else {}
+        config_dict = dict(run_config) if run_config is not None else {}
         report_to = config_dict.get("report_to", "none")
         tracker = require_tracker(report_to)  # before touching any file: fail fast
 

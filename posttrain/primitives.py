@@ -12,13 +12,13 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# Rows of logits processed at once by compute_entropy and the full-logits log-prob
-# path: bounds their extra float32 memory to about this many bytes per chunk.
-CHUNK_BYTES = 64 * 2**20
-
+from posttrain.model_heads import body_hidden_states, find_linear_head, model_vocab_size
+from posttrain.ops.full_logits import entropy_from_logits, log_probs_from_logits
+from posttrain.ops.linear_log_probs import chunked_log_probs
+from posttrain.ops.token_ids import check_token_ids
 
 # --------------------------------------------------------------------------- tokenization
 
@@ -138,71 +138,6 @@ def tokenize_prompt_and_output(
 # --------------------------------------------------------------------------- entropy
 
 
-def _rows_per_chunk(vocab_size: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * max(vocab_size, 1)))
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for float32 and narrower inputs; float64 stays float64 (for gradcheck)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _shifted_logits(logits: Tensor, row_max: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """z = x - max(x), logsumexp(z) and max(x) for a chunk of rows, in the accumulation dtype.
-
-    Working on z rather than x keeps log p = z - logsumexp(z) and the entropy exact for
-    logits of magnitude 1e4, where x - logsumexp(x) would cancel catastrophically.
-    """
-    x = logits.to(accumulation_dtype(logits.dtype))
-    if row_max is None:
-        row_max = x.amax(dim=-1)
-    z = x - row_max.unsqueeze(-1)
-    return z, torch.logsumexp(z, dim=-1), row_max
-
-
-def _probs_and_mean_z(z: Tensor, lse_z: Tensor) -> tuple[Tensor, Tensor]:
-    """p = softmax(z) and E_p[z] per row; entries with p = 0 (z = -inf) are left out of
-    E_p[z] explicitly, since 0 * -inf would be NaN."""
-    p = torch.exp(z - lse_z.unsqueeze(-1))
-    return p, (p * torch.where(p > 0, z, 0.0)).sum(-1)
-
-
-class _ChunkedEntropy(torch.autograd.Function):
-    """Entropy over the last dim, chunk by chunk; saves only two floats per row.
-
-    H = logsumexp(z) - E_p[z], exactly log V for uniform and 0 for one-hot logits.
-    Backward recomputes each chunk's probabilities: dH/dx_j = -p_j (z_j - E_p[z]).
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, logits: Tensor, rows: int) -> Tensor:
-        flat = logits.reshape(-1, logits.shape[-1])
-        dtype = accumulation_dtype(logits.dtype)
-        entropy = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
-        row_max, lse_z = torch.empty_like(entropy), torch.empty_like(entropy)
-        for start in range(0, flat.shape[0], rows):
-            stop = start + rows
-            z, lse_z[start:stop], row_max[start:stop] = _shifted_logits(flat[start:stop])
-            entropy[start:stop] = lse_z[start:stop] - _probs_and_mean_z(z, lse_z[start:stop])[1]
-        ctx.save_for_backward(logits, row_max, lse_z)
-        ctx.rows = rows
-        return entropy.reshape(logits.shape[:-1])
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_entropy: Tensor) -> tuple:
-        logits, row_max, lse_z = ctx.saved_tensors
-        flat = logits.reshape(-1, logits.shape[-1])
-        grad_flat = grad_entropy.reshape(-1)
-        grad_logits = torch.empty_like(flat)
-        for start in range(0, flat.shape[0], ctx.rows):
-            stop = start + ctx.rows
-            z, _, _ = _shifted_logits(flat[start:stop], row_max[start:stop])
-            p, mean_z = _probs_and_mean_z(z, lse_z[start:stop])
-            centred = torch.where(p > 0, z - mean_z[:, None], 0.0)
-            grad_logits[start:stop] = -grad_flat[start:stop, None] * p * centred
-        return grad_logits.reshape(logits.shape), None
-
-
 def compute_entropy(logits: Tensor) -> Tensor:
     """Entropy of the next-token distribution over the last dimension.
 
@@ -215,60 +150,75 @@ def compute_entropy(logits: Tensor) -> Tensor:
         chunk by chunk over the leading dimensions, so bf16/fp16 logits are never copied
         whole to float32 and the extra memory is one chunk, also when gradients are kept.
     """
-    if logits.ndim < 1 or logits.shape[-1] == 0:
-        raise ValueError(
-            f"logits must have a non-empty last dimension, got shape {tuple(logits.shape)}"
-        )
-    return _ChunkedEntropy.apply(logits, _rows_per_chunk(logits.shape[-1]))
+    return entropy_from_logits(logits)
 
 
 # --------------------------------------------------------------------------- log-probs
 
 
-def check_token_ids(name: str, ids: Tensor, vocab_size: int) -> None:
-    """Raise ValueError if `ids` is not an integer tensor, or naming its first id outside
-    [0, vocab_size) (before it reaches an index kernel or a device-side assert)."""
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-        raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bool(bad.any()):
-        value = int(ids[bad][0])
-        where = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{name} holds token id {value} at position {where}, outside the model's "
-            f"vocabulary [0, {vocab_size}); mask ignored positions with a valid id (e.g. 0) "
-            "instead of a sentinel such as -100"
-        )
+def full_logits_log_probs(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    positions: Tensor | None = None,
+    return_token_entropy: bool = False,
+) -> dict[str, Tensor]:
+    """Log-probs (and entropy) from the model's own full logits: the path for heads the
+    chunked kernels cannot reproduce, and the reference the lean path is tested against.
 
-
-def model_vocab_size(model: PreTrainedModel) -> int:
-    """Number of rows of the output projection (the logits' last dimension)."""
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.get_text_config().vocab_size)
-
-
-def log_probs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[label] in float32 (float64 stays), chunk by chunk over rows.
-
-    Args:
-        logits: (..., vocab) any float dtype. labels: (...) int64, in range.
-
-    Returns:
-        (...) float32.
+    input_ids, labels: (batch, seq) int64; positions: optional (batch, seq) bool, keeping
+    only those positions (results are then flat, (n,)). Returns {"log_probs"} float32,
+    plus "token_entropy" float32 when asked and "is_argmax" (bool, detached: the label has
+    the largest logit).
     """
-    vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    flat_labels = labels.reshape(-1, 1)
-    rows = _rows_per_chunk(vocab)
-    pieces = []
-    # split(), not slicing in a loop: the backward of each slice would write a full-size
-    # zero gradient; split's backward concatenates the chunk gradients once.
-    for chunk, chunk_labels in zip(flat.split(rows), flat_labels.split(rows), strict=True):
-        z, lse_z, _ = _shifted_logits(chunk)
-        pieces.append(z.gather(-1, chunk_labels).squeeze(-1) - lse_z)
-    return torch.cat(pieces).reshape(labels.shape)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    if positions is not None:
+        logits, labels = logits[positions], labels[positions]
+    result = {"log_probs": log_probs_from_logits(logits, labels)}
+    if return_token_entropy:
+        result["token_entropy"] = entropy_from_logits(logits)
+    result["is_argmax"] = logits.detach().argmax(-1) == labels
+    return result
+
+
+def lean_response_log_probs(
+    model: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    return_token_entropy: bool = False,
+    chunk_size: int | None = None,
+    budget_bytes: int | None = None,
+) -> dict[str, Tensor] | None:
+    """`get_response_log_probs` without materialising the (batch, seq, vocab) logits.
+
+    input_ids, labels: (B, T) int64, labels already shifted (labels[b, t] is the token
+    predicted at position t) and each in [0, vocab). Returns {"log_probs": (B, T)
+    float32} plus "token_entropy": (B, T) float32 when asked, or None when the model's
+    head is not one `find_linear_head` supports (the caller then uses full logits).
+    """
+    head = find_linear_head(model)
+    if head is None:
+        return None
+    hidden = body_hidden_states(model, input_ids, attention_mask)
+    log_probs, entropy = chunked_log_probs(
+        hidden,
+        head.weight,
+        head.bias,
+        labels,
+        return_entropy=return_token_entropy,
+        chunk_size=chunk_size,
+        logit_scale=head.logit_scale,
+        softcap=head.softcap,
+        budget_bytes=budget_bytes,
+    )
+    out = {"log_probs": log_probs}
+    if entropy is not None:
+        out["token_entropy"] = entropy
+    return out
 
 
 def get_response_log_probs(
@@ -284,7 +234,7 @@ def get_response_log_probs(
     """Per-token log p(label | prefix) from a causal LM, unmasked.
 
     By default the (batch, seq, vocab) logits are never built: when the model's head
-    is a plain linear projection (`posttrain.chunked.find_linear_head`), log-probs and
+    is a plain linear projection (`posttrain.model_heads.find_linear_head`), log-probs and
     entropy are computed chunk by chunk through it, with exact gradients; other
     models fall back, with one log line, to the full-logits path.
 
@@ -294,7 +244,7 @@ def get_response_log_probs(
         return_token_entropy: also return the entropy of each next-token distribution.
         attention_mask: optional (batch, seq), 1 on real tokens.
         chunk_size: rows of logits per chunk on the lean path; None picks it from a
-            memory budget (`posttrain.chunked.default_chunk_size`).
+            memory budget (`posttrain.ops.projection.default_chunk_size`).
         lean: False forces the full-logits path.
 
     Returns:
@@ -318,8 +268,6 @@ def get_response_log_probs(
     check_token_ids("labels", labels, vocab)
     check_token_ids("input_ids", input_ids, int(model.get_input_embeddings().weight.shape[0]))
     if lean:
-        from posttrain.chunked import lean_response_log_probs
-
         result = lean_response_log_probs(
             model,
             input_ids,
@@ -330,11 +278,15 @@ def get_response_log_probs(
         )
         if result is not None:
             return result
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    result = {"log_probs": log_probs_from_logits(logits, labels)}
-    if return_token_entropy:
-        result["token_entropy"] = compute_entropy(logits)
-    return result
+    full = full_logits_log_probs(
+        model,
+        input_ids,
+        labels,
+        attention_mask=attention_mask,
+        return_token_entropy=return_token_entropy,
+    )
+    del full["is_argmax"]
+    return full
 
 
 # --------------------------------------------------------------------------- masked reductions

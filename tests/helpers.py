@@ -7,7 +7,9 @@ import json
 import random
 from pathlib import Path
 
-from posttrain.config import SFTConfig
+import torch
+
+from posttrain.data.records import DataFormat
 
 
 def reverse_task(n: int, seed: int) -> list[dict[str, str]]:
@@ -25,6 +27,67 @@ def write_jsonl(path: Path, rows: list[object]) -> Path:
     return path
 
 
-def cfg(**kw: object) -> SFTConfig:
-    """A config for data-only tests: the model and train file are never opened."""
-    return SFTConfig(model="unused", train_file="unused", **kw)  # type: ignore[arg-type]
+def fmt(**kw: object) -> DataFormat:
+    """The data settings of a run, for data-only tests."""
+    return DataFormat(**kw)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- LM-head references
+
+
+def reference_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """softcap(scale * (hidden @ weight.T + bias)), written out."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    scale: float = 1.0,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full logits, log_softmax, gather; entropy = -sum p log p."""
+    logp = torch.log_softmax(reference_logits(hidden, weight, bias, scale, softcap), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def make(n: int, h: int, v: int, dtype: torch.dtype, bias: bool = True, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(v, h, generator=gen, dtype=torch.float64) / h**0.5).to(dtype)
+    b = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, v, (n,), generator=gen)
+    return hidden, weight, b, labels
+
+
+def leaf(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Fresh leaves that require grad (integer tensors pass through)."""
+    return [
+        t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t
+        for t in tensors
+    ]
+
+
+def grads_of(loss: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    wanted = [t for t in tensors if t is not None]
+    got = iter(torch.autograd.grad(loss, wanted, allow_unused=True))
+    return [None if t is None else next(got) for t in tensors]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())

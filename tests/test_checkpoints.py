@@ -20,6 +20,7 @@ from transformers import (
 from posttrain import checkpoints as ckpt
 from posttrain.config import SFTConfig
 from posttrain.offline import tiny_causal_lm
+from posttrain.rng_state import restore_rng_state
 
 CFG = SFTConfig(model="models/tiny", train_file="train.jsonl", keep_last=2, max_steps=4)
 
@@ -145,7 +146,7 @@ def test_rng_restore_replays_the_same_numbers(tmp_path: Path, tiny_llama: PreTra
 
     expected = draw()
     draw()  # move every generator on
-    ckpt.restore_rng_state(ckpt.load_trainer_state(path))
+    restore_rng_state(ckpt.load_trainer_state(path))
     assert draw() == expected
 
 
@@ -209,7 +210,7 @@ def test_resume_reproduces_an_uninterrupted_run(
     state = ckpt.load_trainer_state(path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    ckpt.restore_rng_state(state)
+    restore_rng_state(state)
     assert state["step"] == 2 and state["extra"] == {"position": 4}
     assert scheduler.last_epoch == 2
     for _ in range(2):

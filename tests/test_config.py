@@ -214,3 +214,25 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     # A config built in code is validated like one read from YAML.
     with pytest.raises(ValueError, match="lr must be > 0"):
         dataclasses.replace(cfg, lr=-1.0)
+
+
+def test_renamed_key_still_works_with_a_deprecation_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="posttrain"):
+        yaml_file = _write(tmp_path, "model: m\ntrain_file: t\nlogprob_chunk_size: 64\n")
+        from_yaml = _resolve(["--config", str(yaml_file)])
+        from_flag = _resolve([*_required_flags(), "--logprob-chunk-size", "32"])
+        from_dict = config_from_dict({**REQUIRED, "logprob_chunk_size": 16})
+    assert (from_yaml.loss_chunk_size, from_flag.loss_chunk_size) == (64, 32)
+    assert from_dict.loss_chunk_size == 16
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("'logprob_chunk_size'" in m and "deprecated" in m for m in messages) == 3
+    assert all("loss_chunk_size" in m for m in messages if "deprecated" in m)
+    with pytest.raises(ValueError, match="both 'logprob_chunk_size' and its new name"):
+        config_from_dict({**REQUIRED, "logprob_chunk_size": 8, "loss_chunk_size": 8})
+    assert "logprob" not in _parser().format_help()
+
+
+def _required_flags() -> list[str]:
+    return ["--model", REQUIRED["model"], "--train-file", REQUIRED["train_file"]]

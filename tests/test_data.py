@@ -7,23 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cfg, write_jsonl
+from helpers import fmt, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
-from posttrain.data import (
-    Record,
+from posttrain.data.batching import (
     collate,
-    encode_records,
     epoch_padding_fractions,
-    load_dataset_for_training,
-    load_records,
     padding_fraction,
     plan_batches,
     rank_micro_batches,
-    tokenize_records,
 )
+from posttrain.data.records import Record, load_records
+from posttrain.data.tokenized import encode_records, load_dataset_for_training, tokenize_records
 from posttrain.offline import train_bpe_tokenizer
 from posttrain.primitives import pad_token_id_of, tokenize_prompt_and_output
 
@@ -80,28 +77,28 @@ def test_every_format_gives_the_same_records(tmp_path: Path) -> None:
     saved_dict = tmp_path / "saved_dict"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS)}).save_to_disk(str(saved_dict))
     for path in (jsonl, as_list, lines_json, parquet, saved, saved_dict):
-        records = load_records(path, cfg())
+        records = load_records(path, fmt())
         assert [(r.prompt, r.response) for r in records] == expected, path
         assert all(r.messages is None for r in records)
-    assert load_records(jsonl, cfg())[1].source == f"{jsonl}:2"
-    assert load_records(parquet, cfg())[1].source == f"{parquet}:row 1"
+    assert load_records(jsonl, fmt())[1].source == f"{jsonl}:2"
+    assert load_records(parquet, fmt())[1].source == f"{parquet}:row 1"
 
 
 def test_completion_field_is_recognised_and_field_names_are_configurable(tmp_path: Path) -> None:
     rows = [{"prompt": "a", "completion": "b"}]
-    records = load_records(write_jsonl(tmp_path / "c.jsonl", rows), cfg())
+    records = load_records(write_jsonl(tmp_path / "c.jsonl", rows), fmt())
     assert (records[0].prompt, records[0].response) == ("a", "b")
     custom = write_jsonl(tmp_path / "q.jsonl", [{"question": "q?", "answer": "yes", "x": 1}])
-    records = load_records(custom, cfg(prompt_field="question", response_field="answer"))
+    records = load_records(custom, fmt(prompt_field="question", response_field="answer"))
     assert (records[0].prompt, records[0].response) == ("q?", "yes")
     # An explicitly chosen response field is never silently replaced by "completion".
     with pytest.raises(ValueError, match="missing field 'answer'"):
         load_records(
             write_jsonl(tmp_path / "c2.jsonl", [{"prompt": "a", "completion": "b"}]),
-            cfg(response_field="answer"),
+            fmt(response_field="answer"),
         )
     rows = [{"conv": CHAT}]
-    records = load_records(write_jsonl(tmp_path / "m.jsonl", rows), cfg(messages_field="conv"))
+    records = load_records(write_jsonl(tmp_path / "m.jsonl", rows), fmt(messages_field="conv"))
     assert records[0].messages == CHAT
 
 
@@ -118,12 +115,12 @@ def test_pairs_train_on_exactly_what_tokenize_prompt_and_output_gives(
     reference = tokenize_prompt_and_output(prompts, responses, tok)
     pad = pad_token_id_of(tok)
 
-    plain, _ = tokenize_records(records, tok, cfg(append_eos=False))
+    plain, _ = tokenize_records(records, tok, fmt(append_eos=False))
     batch = collate(plain, pad)
     for key in ("input_ids", "labels", "response_mask"):
         torch.testing.assert_close(batch[key], reference[key], rtol=0, atol=0)
 
-    with_eos, report = tokenize_records(records, tok, cfg())
+    with_eos, report = tokenize_records(records, tok, fmt())
     eos = tok.eos_token_id
     for plain_ex, ex in zip(plain, with_eos, strict=True):
         assert ex.input_ids == [*plain_ex.input_ids, eos]  # an id, not the text "</s>"
@@ -136,7 +133,7 @@ def test_pairs_train_on_exactly_what_tokenize_prompt_and_output_gives(
 
 def test_collate_masks_match_the_examples(llama_tokenizer: PreTrainedTokenizerFast) -> None:
     records = [Record(r["prompt"], r["response"], None, "f") for r in PAIRS]
-    examples, _ = tokenize_records(records, llama_tokenizer, cfg())
+    examples, _ = tokenize_records(records, llama_tokenizer, fmt())
     batch = collate(examples, pad_token_id_of(llama_tokenizer))
     width = max(len(e) for e in examples) - 1
     for i, ex in enumerate(examples):
@@ -154,7 +151,7 @@ def test_chat_loss_covers_assistant_content_and_end_token_only(
     record = Record(None, None, CHAT, "chat:1")
     assistant = [m["content"] for m in CHAT if m["role"] == "assistant"]
     # Qwen base: EOS is <|endoftext|>, the turn ends with <|im_end|>, so EOS is appended.
-    (ex,) = encode_records([record], qwen_tokenizer, cfg())
+    (ex,) = encode_records([record], qwen_tokenizer, fmt())
     runs = trained_runs(ex.input_ids, ex.loss_mask)
     assert [qwen_tokenizer.decode(r) for r in runs] == [
         f"{c}<|im_end|><|endoftext|>" for c in assistant
@@ -171,11 +168,11 @@ def test_chat_loss_covers_assistant_content_and_end_token_only(
     # A tokenizer whose EOS is the template's end token gets no second end token.
     tok = train_bpe_tokenizer(CORPUS, vocab_size=384, add_bos=True)
     tok.eos_token = "<|im_end|>"
-    (ex,) = encode_records([record], tok, cfg())
+    (ex,) = encode_records([record], tok, fmt())
     assert [tok.decode(r) for r in trained_runs(ex.input_ids, ex.loss_mask)] == [
         f"{c}<|im_end|>" for c in assistant
     ]
-    (ex_off,) = encode_records([record], qwen_tokenizer, cfg(append_eos=False))
+    (ex_off,) = encode_records([record], qwen_tokenizer, fmt(append_eos=False))
     assert [qwen_tokenizer.decode(r) for r in trained_runs(ex_off.input_ids, ex_off.loss_mask)] == [
         f"{c}<|im_end|>" for c in assistant
     ]
@@ -183,7 +180,7 @@ def test_chat_loss_covers_assistant_content_and_end_token_only(
 
 def test_mixed_pairs_and_chats_keep_file_order(tmp_path: Path, nobos_tokenizer) -> None:
     path = write_jsonl(tmp_path / "mix.jsonl", [PAIRS[0], {"messages": CHAT}, PAIRS[1]])
-    examples, report = load_dataset_for_training(path, nobos_tokenizer, cfg())
+    examples, report = load_dataset_for_training(path, nobos_tokenizer, fmt())
     assert [e.source for e in examples] == [f"{path}:{i}" for i in (1, 2, 3)]
     assert [e.is_chat for e in examples] == [False, True, False]
     assert report.num_chat == 1 and report.num_examples == 3
@@ -200,7 +197,7 @@ def test_max_seq_len_truncates_or_drops_with_exact_counts(
         r.source: len(e)
         for r, e in zip(
             [short, long_response, long_prompt],
-            encode_records([short, long_response, long_prompt], tok, cfg()),
+            encode_records([short, long_response, long_prompt], tok, fmt()),
             strict=True,
         )
     }
@@ -210,7 +207,7 @@ def test_max_seq_len_truncates_or_drops_with_exact_counts(
     assert len(tok("the lazy dog " * 10)["input_ids"]) >= max_len
     records = [short, long_response, long_prompt, short]
 
-    kept, report = tokenize_records(records, tok, cfg(max_seq_len=max_len))
+    kept, report = tokenize_records(records, tok, fmt(max_seq_len=max_len))
     assert [e.source for e in kept] == ["f:1", "f:2", "f:1"]
     assert (report.num_over_max_len, report.num_truncated, report.num_dropped) == (2, 1, 1)
     truncated = kept[1]
@@ -220,7 +217,7 @@ def test_max_seq_len_truncates_or_drops_with_exact_counts(
     assert report.num_without_eos == 1
     assert "2 longer than max_seq_len=12: 1 truncated" in report.summary()
 
-    kept, report = tokenize_records(records, tok, cfg(max_seq_len=max_len, truncation="drop"))
+    kept, report = tokenize_records(records, tok, fmt(max_seq_len=max_len, truncation="drop"))
     assert [e.source for e in kept] == ["f:1", "f:1"]
     assert (report.num_over_max_len, report.num_truncated, report.num_dropped) == (2, 0, 2)
     assert report.dropped_sources == ["f:2", "f:3"]
@@ -233,32 +230,32 @@ def test_errors_name_the_file_and_line(tmp_path: Path, nobos_tokenizer) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": \n')
     with pytest.raises(ValueError, match=rf"{bad}:3: malformed JSON"):
-        load_records(bad, cfg())
+        load_records(bad, fmt())
     missing = write_jsonl(tmp_path / "m.jsonl", [PAIRS[0], {"question": "q", "answer": "a"}])
     with pytest.raises(
         ValueError, match=rf"{missing}:2: missing field 'prompt'.*'question', 'answer'"
     ):
-        load_records(missing, cfg())
+        load_records(missing, fmt())
     no_resp = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "q", "text": "a"}])
     with pytest.raises(ValueError, match=r"missing field 'response' \(nor 'completion'\)"):
-        load_records(no_resp, cfg())
+        load_records(no_resp, fmt())
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="empty"):
-        load_records(empty, cfg())
+        load_records(empty, fmt())
     empty_list = tmp_path / "empty.json"
     empty_list.write_text("[]")
     with pytest.raises(ValueError, match="empty"):
-        load_records(empty_list, cfg())
+        load_records(empty_list, fmt())
     with pytest.raises(ValueError, match="data file not found"):
-        load_records(tmp_path / "nope.jsonl", cfg())
+        load_records(tmp_path / "nope.jsonl", fmt())
     nonstr = write_jsonl(tmp_path / "n.jsonl", [PAIRS[0], PAIRS[1], {"prompt": 3, "response": "x"}])
     with pytest.raises(ValueError, match=rf"{nonstr}:3: field 'prompt' must be a string, got int"):
-        load_records(nonstr, cfg())
+        load_records(nonstr, fmt())
     as_list = tmp_path / "n.json"
     as_list.write_text(json.dumps([PAIRS[0], {"prompt": "p", "response": None}]))
     with pytest.raises(ValueError, match=r"row 1: field 'response' must be a string, got null"):
-        load_records(as_list, cfg())
+        load_records(as_list, fmt())
     for messages, message in [
         ("hi", "must be a non-empty list"),
         ([{"role": "user"}], r"messages\[0\] must be an object with string 'role' and 'content'"),
@@ -266,13 +263,13 @@ def test_errors_name_the_file_and_line(tmp_path: Path, nobos_tokenizer) -> None:
     ]:
         path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
         with pytest.raises(ValueError, match=rf"{path}:1: .*{message}"):
-            load_records(path, cfg())
+            load_records(path, fmt())
     with pytest.raises(ValueError, match=r"unsupported data format '\.csv'"):
         (tmp_path / "d.csv").write_text("a,b\n")
-        load_records(tmp_path / "d.csv", cfg())
+        load_records(tmp_path / "d.csv", fmt())
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "the lazy dog " * 20, "response": "x"}])
     with pytest.raises(ValueError, match="all 1 examples were dropped"):
-        load_dataset_for_training(long, nobos_tokenizer, cfg(max_seq_len=8))
+        load_dataset_for_training(long, nobos_tokenizer, fmt(max_seq_len=8))
 
 
 def test_a_chat_template_that_is_not_prefix_stable_is_an_error(nobos_tokenizer) -> None:
@@ -280,7 +277,7 @@ def test_a_chat_template_that_is_not_prefix_stable_is_an_error(nobos_tokenizer) 
     # Renders the message count up front, so each prefix differs from the full chat.
     tok.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ValueError, match=r"chat:7: .*prefix by prefix"):
-        encode_records([Record(None, None, CHAT, "chat:7")], tok, cfg())
+        encode_records([Record(None, None, CHAT, "chat:7")], tok, fmt())
 
 
 # --------------------------------------------------------------------------- batching
@@ -350,7 +347,7 @@ def test_padding_fraction() -> None:
 
 
 def test_length_grouping_cuts_padding_on_gsm8k(qwen_tokenizer: PreTrainedTokenizerFast) -> None:
-    examples, report = load_dataset_for_training(GSM8K, qwen_tokenizer, cfg(max_seq_len=1024))
+    examples, report = load_dataset_for_training(GSM8K, qwen_tokenizer, fmt(max_seq_len=1024))
     assert report.num_examples == 512 and report.num_without_eos == 0
     lengths = [len(e) for e in examples]
     in_order, grouped = epoch_padding_fractions(lengths, micro_batch_size=8, grad_accum_steps=2)

@@ -7,20 +7,14 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import cfg, write_jsonl
+from helpers import fmt, write_jsonl
 from rich.text import Text
 from transformers import PreTrainedTokenizerFast
 
 from posttrain.cli.main import main
-from posttrain.data import (
-    Record,
-    collate,
-    encode_records,
-    load_records,
-    padding_fraction,
-    plan_batches,
-    rank_micro_batches,
-)
+from posttrain.data.batching import collate, padding_fraction, plan_batches, rank_micro_batches
+from posttrain.data.records import Record, load_records
+from posttrain.data.tokenized import encode_records
 from posttrain.data_report import (
     RICH_STYLES,
     compute_stats,
@@ -70,9 +64,9 @@ def test_statistics_are_exact(tmp_path: Path, nobos_tokenizer: PreTrainedTokeniz
     max_len = max(totals[:-1]) + 2
     assert totals[-1] > max_len  # the crafted over-long example
 
-    config = cfg(max_seq_len=max_len, micro_batch_size=2)
+    config = fmt(max_seq_len=max_len)
     records = load_records(write_jsonl(tmp_path / "d.jsonl", ROWS), config)
-    stats, kept = compute_stats(records, tok, config, "d.jsonl")
+    stats, kept = compute_stats(records, tok, config, "d.jsonl", micro_batch_size=2)
 
     assert (stats.num_records, stats.num_examples, stats.num_chat) == (5, 5, 0)
     assert (stats.num_over_max_len, stats.num_truncated, stats.num_dropped) == (1, 1, 0)
@@ -95,7 +89,7 @@ def test_statistics_are_exact(tmp_path: Path, nobos_tokenizer: PreTrainedTokeniz
     assert stats.padding_fraction_in_order == pytest.approx(1 - sum(trained) / slots)
     grouped = [
         [trained[i] for i in mb]
-        for step in plan_batches(trained, 2, 1, 1, config.seed)
+        for step in plan_batches(trained, 2, 1, 1, 0)
         for mb in rank_micro_batches(step, 2, 1, 0)
     ]
     assert stats.padding_fraction_grouped == pytest.approx(padding_fraction(grouped))
@@ -112,11 +106,11 @@ def test_drop_policy_and_chats_are_counted(
     tmp_path: Path, nobos_tokenizer: PreTrainedTokenizerFast
 ) -> None:
     rows = [*ROWS, {"messages": CHAT}, {"messages": CHAT}]
-    records = load_records(write_jsonl(tmp_path / "d.jsonl", rows), cfg())
-    lengths = [len(e) for e in encode_records(records, nobos_tokenizer, cfg())]
-    config = cfg(max_seq_len=max(lengths[:4] + lengths[5:]), truncation="drop")
+    records = load_records(write_jsonl(tmp_path / "d.jsonl", rows), fmt())
+    lengths = [len(e) for e in encode_records(records, nobos_tokenizer, fmt())]
+    config = fmt(max_seq_len=max(lengths[:4] + lengths[5:]), truncation="drop")
     assert lengths[4] > config.max_seq_len
-    stats, kept = compute_stats(records, nobos_tokenizer, config)
+    stats, kept = compute_stats(records, nobos_tokenizer, config, micro_batch_size=4)
     assert stats.num_chat == 2 and stats.num_over_max_len == 1
     assert (stats.num_truncated, stats.num_dropped, stats.num_examples) == (0, 1, 6)
     assert stats.num_without_eos == 0
@@ -132,10 +126,10 @@ def test_view_marks_exactly_the_collated_response_mask(
     tok = llama_tokenizer
     records = [Record(r["prompt"], r["response"], None, f"f:{i}") for i, r in enumerate(ROWS)]
     records.append(Record(None, None, CHAT, "f:chat"))
-    lengths = [len(e) for e in encode_records(records, tok, cfg())]
-    config = cfg(max_seq_len=lengths[-1])  # the chat fits, the long pair does not
+    lengths = [len(e) for e in encode_records(records, tok, fmt())]
+    config = fmt(max_seq_len=lengths[-1])  # the chat fits, the long pair does not
     assert lengths[4] > config.max_seq_len
-    _, examples = compute_stats(records, tok, config)
+    _, examples = compute_stats(records, tok, config, micro_batch_size=4)
     pad = pad_token_id_of(tok)
     assert pad == tok.eos_token_id
     views = example_views(examples, tok, pad)
@@ -175,9 +169,9 @@ def test_view_marks_exactly_the_collated_response_mask(
 
 
 def test_html_shows_every_example(tmp_path: Path, nobos_tokenizer: PreTrainedTokenizerFast) -> None:
-    config = cfg(max_seq_len=30)
+    config = fmt(max_seq_len=30)
     records = load_records(write_jsonl(tmp_path / "d.jsonl", [*ROWS, {"messages": CHAT}]), config)
-    stats, examples = compute_stats(records, nobos_tokenizer, config)
+    stats, examples = compute_stats(records, nobos_tokenizer, config, micro_batch_size=4)
     views = example_views(examples, nobos_tokenizer, pad_token_id_of(nobos_tokenizer))
     page = render_html(views, stats, None)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
@@ -198,8 +192,10 @@ def test_cli_json_html_and_plot(tmp_path: Path, nobos_tokenizer, capsys) -> None
     png = tmp_path / "lengths.png"
     assert main([*base, "--json", "--plot", str(png)]) == 0
     out = json.loads(capsys.readouterr().out)
-    config = cfg(max_seq_len=24)
-    expected, _ = compute_stats(load_records(data, config), nobos_tokenizer, config, str(data))
+    config = fmt(max_seq_len=24)
+    expected, _ = compute_stats(
+        load_records(data, config), nobos_tokenizer, config, str(data), micro_batch_size=4
+    )
     for key in (
         "num_examples",
         "num_over_max_len",

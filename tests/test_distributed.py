@@ -46,7 +46,7 @@ def base_settings(root: Path, model: str, out: Path) -> dict[str, Any]:
         "num_threads": 1,
         "progress": False,
         "precision": "fp32",
-        "logprob_chunk_size": 7,
+        "loss_chunk_size": 7,
     }
 
 
@@ -260,13 +260,17 @@ def test_config_differences_name_the_settings() -> None:
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("num_examples", [1, 7, 8, 9, 17, 40])
 def test_steps_per_epoch_matches_the_plan(world_size, num_examples) -> None:
-    from posttrain.data import plan_batches
-    from posttrain.training import _steps_per_epoch
+    from posttrain.data.batching import plan_batches
 
     if num_examples < world_size:
         return
     plan = plan_batches([5] * num_examples, 2, 2, world_size)
-    assert _steps_per_epoch(num_examples, 4 * world_size, world_size) == len(plan)
+    # Full global batches, plus a smaller last step from the remainder, trimmed to a
+    # multiple of the world size; what the trim drops is reported as left out.
+    full, tail = divmod(num_examples, 4 * world_size)
+    assert len(plan) == max(1, full + (1 if tail >= world_size else 0))
+    assert plan.left_out == tail % world_size
+    assert sum(len(ids) for step in plan for ids in step) == num_examples - plan.left_out
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from posttrain.config import SFTConfig
+from posttrain.config import SFTConfig, config_to_dict
 from posttrain.metrics import (
     MetricsLogger,
     ProgressReporter,
@@ -38,7 +38,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 def test_log_writes_one_flushed_json_line_per_call(tmp_path: Path) -> None:
     cfg = SFTConfig(model="m", train_file="t", output_dir=str(tmp_path))
-    logger = MetricsLogger(tmp_path, cfg)
+    logger = MetricsLogger(tmp_path, config_to_dict(cfg))
     logger.log(1, {**TRAIN, "loss": torch.tensor(2.5)})  # tensors become numbers
     # Readable before close: every line is flushed as it is written.
     assert _lines(tmp_path / "metrics.jsonl") == [{"step": 1, **TRAIN}]
@@ -81,7 +81,7 @@ def test_missing_tracker_package_is_a_clear_error_at_start(
     monkeypatch.setitem(sys.modules, tracker, None)  # makes `import tracker` fail
     cfg = SFTConfig(model="m", train_file="t", report_to=tracker)
     with pytest.raises(ImportError, match=rf"report_to='{tracker}' needs `pip install {tracker}`"):
-        MetricsLogger(tmp_path, cfg)
+        MetricsLogger(tmp_path, config_to_dict(cfg))
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import posttrain.primitives as primitives
 from posttrain import (
     compute_entropy,
     get_response_log_probs,
@@ -19,6 +18,7 @@ from posttrain import (
     sft_microbatch_train_step,
     tokenize_prompt_and_output,
 )
+from posttrain.ops import full_logits
 
 FIXTURE_SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -242,13 +242,13 @@ def test_entropy_gradient_matches_reference_across_chunks(rows, vocab, seed) -> 
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3
     weights = torch.randn(rows, generator=g, dtype=torch.float64)
-    original = primitives.CHUNK_BYTES
-    primitives.CHUNK_BYTES = 4 * vocab * 2  # two rows a chunk: exercise chunk seams
+    original = full_logits.rows_per_chunk
+    full_logits.rows_per_chunk = lambda vocab: 2  # two rows a chunk: exercise chunk seams
     try:
         x = logits.clone().requires_grad_(True)
         (compute_entropy(x).double() * weights).sum().backward()
     finally:
-        primitives.CHUNK_BYTES = original
+        full_logits.rows_per_chunk = original
     y = logits.clone().requires_grad_(True)
     (reference_entropy(y) * weights).sum().backward()
     torch.testing.assert_close(x.grad, y.grad, atol=1e-5, rtol=1e-5)

@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from posttrain.checkpoints import latest_checkpoint
 from posttrain.cli.main import main
 from posttrain.config import SFTConfig
-from posttrain.data import collate, load_dataset_for_training, plan_batches, rank_micro_batches
+from posttrain.data.batching import collate, plan_batches, rank_micro_batches
+from posttrain.data.tokenized import load_dataset_for_training
 from posttrain.distributed import DistInfo
 from posttrain.offline import tiny_causal_lm
 from posttrain.training import (
@@ -73,7 +74,13 @@ def step_gradients(model, config: SFTConfig, examples, pad_id: int) -> dict[str,
     micro = rank_micro_batches(plan[0], config.micro_batch_size)
     batches = [collate([examples[i] for i in ids], pad_id) for ids in micro]
     model.zero_grad(set_to_none=True)
-    accumulate_gradients(ResponseLoss(model, config), batches, config, CPU, None)
+    accumulate_gradients(
+        ResponseLoss(model, chunk_size=config.loss_chunk_size),
+        batches,
+        config.loss_normalization,
+        CPU,
+        None,
+    )
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -82,7 +89,7 @@ def test_gradient_independent_of_micro_batch_split(workdir, tmp_path, normalizat
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     base = make_config(workdir, tmp_path, loss_normalization=normalization)
-    examples, _ = load_dataset_for_training(base.train_file, tokenizer, base)
+    examples, _ = load_dataset_for_training(base.train_file, tokenizer, base.data_format())
     pad = tokenizer.eos_token_id
     one = SFTConfig(**{**base.__dict__, "micro_batch_size": 8, "grad_accum_steps": 1})
     four = SFTConfig(**{**base.__dict__, "micro_batch_size": 2, "grad_accum_steps": 4})
@@ -114,12 +121,20 @@ def test_fused_loss_gradients_match_straightforward_path(
     model = tiny_causal_lm(
         arch, vocab_size=len(llama_tokenizer), hidden_size=32, tie_word_embeddings=arch == "qwen2"
     )
-    config = make_config(workdir, tmp_path, loss_normalization=normalization, logprob_chunk_size=5)
-    examples, _ = load_dataset_for_training(config.train_file, llama_tokenizer, config)
+    config = make_config(workdir, tmp_path, loss_normalization=normalization, loss_chunk_size=5)
+    examples, _ = load_dataset_for_training(
+        config.train_file, llama_tokenizer, config.data_format()
+    )
     batches = [collate(examples[:3], 1), collate(examples[3:8], 1)]
     reference = copy.deepcopy(model)
     model.zero_grad()
-    accumulate_gradients(ResponseLoss(model, config), batches, config, CPU, None)
+    accumulate_gradients(
+        ResponseLoss(model, chunk_size=config.loss_chunk_size),
+        batches,
+        config.loss_normalization,
+        CPU,
+        None,
+    )
     reference_step_loss(reference, batches, normalization).backward()
     for (name, p), (_, q) in zip(
         model.named_parameters(), reference.named_parameters(), strict=True
@@ -317,7 +332,7 @@ def test_cli_errors_are_clear(workdir, tmp_path, capsys) -> None:
 def test_gradient_checkpointing_gives_the_same_gradients(workdir, tmp_path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     config = make_config(workdir, tmp_path)
-    examples, _ = load_dataset_for_training(config.train_file, tokenizer, config)
+    examples, _ = load_dataset_for_training(config.train_file, tokenizer, config.data_format())
     plain = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
     checkpointed = copy.deepcopy(plain)
     checkpointed.activation_checkpointing_enable(

@@ -54,9 +54,9 @@ def _plot_path(args: argparse.Namespace, data_path: str) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from transformers import AutoTokenizer
 
-    from posttrain.data import load_records
+    from posttrain.checkpoints import load_tokenizer
+    from posttrain.data.records import load_records
     from posttrain.data_report import (
         compute_stats,
         example_views,
@@ -75,13 +75,18 @@ def run(args: argparse.Namespace) -> int:
     data_path = config.eval_file if args.eval else config.train_file
     if data_path is None:
         raise ValueError("--eval given but no eval_file is set")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load a tokenizer from {config.model}: {exc}") from None
-
-    records = load_records(data_path, config)
-    stats, examples = compute_stats(records, tokenizer, config, data_path)
+    tokenizer = load_tokenizer(config.model)
+    fmt = config.data_format()
+    records = load_records(data_path, fmt)
+    stats, examples = compute_stats(
+        records,
+        tokenizer,
+        fmt,
+        data_path,
+        micro_batch_size=config.micro_batch_size,
+        grad_accum_steps=config.grad_accum_steps,
+        seed=config.seed,
+    )
     views = example_views(examples[: args.num_examples], tokenizer, pad_token_id_of(tokenizer))
 
     plot = _plot_path(args, data_path)

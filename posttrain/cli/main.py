@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from posttrain.cli.common import env_rank
+
 # subcommand -> (module in posttrain.cli, help); each module defines
 # `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     # Under torchrun only rank 0 talks; the others log warnings and errors.
-    quiet = int(os.environ.get("RANK", "0")) != 0
+    quiet = env_rank() != 0
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
     )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
+from posttrain.cli.common import env_rank
 from posttrain.config import add_config_arguments, config_from_args
 
 
@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.training import train
 
     result = train(config_from_args(args))
-    if int(os.environ.get("RANK", "0")) != 0:
+    if env_rank() != 0:
         return 0  # under torchrun, rank 0 speaks for the run
     print(
         f"done: {result.steps} steps in {result.train_seconds:.1f}s, final loss "

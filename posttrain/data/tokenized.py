@@ -1,0 +1,319 @@
+"""Records -> `TokenizedExample`s: token ids and a loss mask, at most `max_seq_len` long.
+
+Prompt/response pairs go through the primitives' `encode_prompts_and_outputs` (one
+batched call), so the trainer trains on exactly what `tokenize_prompt_and_output`
+produces, plus the EOS id. Chats are rendered with the tokenizer's chat template, the
+loss covering assistant turns only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.data.records import DataFormat, Record, load_records
+from posttrain.primitives import encode_prompts_and_outputs
+
+
+@dataclass
+class TokenizedExample:
+    """One training sequence.
+
+    `input_ids`: prompt tokens (with the tokenizer's special tokens, e.g. a BOS) followed
+    by response tokens and, by default, the EOS id. `loss_mask`: one 0/1 per token, 1 on
+    the trained targets (response tokens, EOS; for chats the assistant turns).
+    `prompt_len`: tokens before the first trained token. `source`: "file:line".
+    """
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    prompt_len: int
+    source: str
+    truncated: bool = False
+    empty_response: bool = False
+    is_chat: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataReport:
+    """What loading and tokenizing a data set did; `summary()` is logged at start."""
+
+    path: str
+    num_records: int
+    num_examples: int
+    num_chat: int
+    num_over_max_len: int
+    num_truncated: int
+    num_dropped: int
+    num_empty_responses: int
+    num_without_eos: int
+    num_tokens: int
+    num_trained_tokens: int
+    max_seq_len: int
+    truncation: str
+    dropped_sources: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few lines for the log: counts, and what max_seq_len did."""
+        lines = [
+            f"{self.path}: {self.num_examples} examples kept of {self.num_records} records "
+            f"({self.num_chat} chats), {self.num_tokens} tokens, "
+            f"{self.num_trained_tokens} trained"
+        ]
+        if self.num_over_max_len:
+            action = (
+                f"{self.num_truncated} truncated (response tail), {self.num_dropped} dropped"
+                if self.truncation == "truncate"
+                else f"{self.num_dropped} dropped"
+            )
+            lines.append(
+                f"  {self.num_over_max_len} longer than max_seq_len={self.max_seq_len}: {action}"
+            )
+            if self.truncation == "truncate" and self.num_dropped:
+                lines.append("  (dropped: the prompt alone fills max_seq_len)")
+        if self.num_empty_responses:
+            lines.append(f"  {self.num_empty_responses} empty responses")
+        if self.num_without_eos:
+            lines.append(f"  {self.num_without_eos} examples end without EOS")
+        return "\n".join(lines)
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"append_eos is on but tokenizer {type(tokenizer).__name__} has no EOS token; "
+            "set one on the tokenizer or pass --no-append-eos"
+        )
+    return int(tokenizer.eos_token_id)
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    source: str,
+    add_generation_prompt: bool,
+) -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # jinja errors (raise_exception in templates) and others
+        raise ValueError(f"{source}: the chat template failed on this row: {exc}") from None
+    return text
+
+
+def chat_segments(record: Record, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """Split a chat's rendered text into (text, trained) pieces, in order.
+
+    Each assistant turn is found by rendering prefixes: the turn's trained text starts
+    after `messages[:i]` rendered with the generation prompt (so `<|im_start|>assistant\\n`
+    is context, as it is at inference) and ends where `messages[:i+1]` ends, less trailing
+    whitespace (the newline after ChatML's `<|im_end|>` is never generated). Tokenizing the
+    pieces separately makes the boundary the one seen at inference, when the prompt is
+    tokenized on its own and the model generates from there.
+    """
+    if record.messages is None:
+        raise ValueError(f"{record.source}: not a chat record")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"{record.source}: chat rows need a chat template, but the tokenizer has none"
+        )
+    messages = record.messages
+    full = _render(tokenizer, messages, record.source, add_generation_prompt=False)
+    bounds: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], record.source, add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], record.source, add_generation_prompt=False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ValueError(
+                f"{record.source}: the tokenizer's chat template does not render this chat "
+                "prefix by prefix (a later turn changes earlier text), so the assistant turns "
+                "cannot be located for the loss mask"
+            )
+        end = max(len(through.rstrip()), len(before))
+        bounds.append((len(before), end))
+    pieces: list[tuple[str, bool]] = []
+    pos = 0
+    for start, end in bounds:
+        pieces.append((full[pos:start], False))
+        pieces.append((full[start:end], True))
+        pos = end
+    pieces.append((full[pos:], False))
+    return pieces
+
+
+def encode_records(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, fmt: DataFormat
+) -> list[TokenizedExample]:
+    """Tokenize every record at full length (no max_seq_len applied), in order.
+
+    Pairs: `encode_prompts_and_outputs` on all pairs at once (prompt with special tokens,
+    response without), then the EOS id when `fmt.append_eos` (not when the response
+    already ends with it). Chats: `chat_segments`, all pieces tokenized in one batched call
+    without special tokens (templates write their own, as `apply_chat_template` does);
+    the EOS id follows an assistant turn that does not already end with it, and tokens
+    after the last trained one are left out.
+    """
+    eos = _eos_id(tokenizer) if fmt.append_eos else None
+    out: list[TokenizedExample | None] = [None] * len(records)
+
+    pair_idx = [i for i, r in enumerate(records) if r.messages is None]
+    if pair_idx:
+        prompt_ids, response_ids = encode_prompts_and_outputs(
+            [records[i].prompt for i in pair_idx],  # type: ignore[misc]
+            [records[i].response for i in pair_idx],  # type: ignore[misc]
+            tokenizer,
+        )
+        for i, p, r in zip(pair_idx, prompt_ids, response_ids, strict=True):
+            empty = len(r) == 0
+            if eos is not None and (empty or r[-1] != eos):
+                r = [*r, eos]
+            out[i] = TokenizedExample(
+                input_ids=list(p) + list(r),
+                loss_mask=[0] * len(p) + [1] * len(r),
+                prompt_len=len(p),
+                source=records[i].source,
+                empty_response=empty,
+            )
+
+    chat_idx = [i for i, r in enumerate(records) if r.messages is not None]
+    if chat_idx:
+        all_pieces = [chat_segments(records[i], tokenizer) for i in chat_idx]
+        flat = [text for pieces in all_pieces for text, _ in pieces]
+        flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
+        for i, pieces in zip(chat_idx, all_pieces, strict=True):
+            ids: list[int] = []
+            mask: list[int] = []
+            for _, trained in pieces:
+                piece = list(next(flat_ids))
+                if trained and eos is not None and (not piece or piece[-1] != eos):
+                    piece.append(eos)
+                ids += piece
+                mask += [int(trained)] * len(piece)
+            # Tokens after the last trained one (the template's closing newline, a final
+            # user turn) cannot change any trained prediction: cut them, so the
+            # sequence ends at the last turn's end token (and EOS).
+            while mask and not mask[-1] and 1 in mask:
+                ids.pop()
+                mask.pop()
+            assistant = [m for m in records[i].messages or () if m["role"] == "assistant"]
+            out[i] = TokenizedExample(
+                input_ids=ids,
+                loss_mask=mask,
+                prompt_len=mask.index(1) if 1 in mask else len(mask),
+                source=records[i].source,
+                empty_response=all(m["content"] == "" for m in assistant),
+                is_chat=True,
+            )
+    return [e for e in out if e is not None]
+
+
+def apply_max_seq_len(
+    examples: Sequence[TokenizedExample], max_seq_len: int, truncation: str
+) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """Apply the length limit: returns (kept, dropped).
+
+    "truncate" cuts the sequence to its first `max_seq_len` tokens (so the response loses
+    its tail, and its EOS: the model is not taught to stop mid-answer); an example whose
+    prompt alone fills `max_seq_len` would keep no trained token and is dropped. "drop"
+    drops every example longer than `max_seq_len`. Kept truncated examples have
+    `truncated=True`.
+    """
+    if truncation not in ("truncate", "drop"):
+        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+    kept: list[TokenizedExample] = []
+    dropped: list[TokenizedExample] = []
+    for ex in examples:
+        if len(ex.input_ids) <= max_seq_len:
+            kept.append(ex)
+        elif truncation == "drop" or ex.prompt_len >= max_seq_len:
+            dropped.append(ex)
+        else:
+            kept.append(
+                TokenizedExample(
+                    input_ids=ex.input_ids[:max_seq_len],
+                    loss_mask=ex.loss_mask[:max_seq_len],
+                    prompt_len=ex.prompt_len,
+                    source=ex.source,
+                    truncated=True,
+                    empty_response=ex.empty_response,
+                    is_chat=ex.is_chat,
+                )
+            )
+    return kept, dropped
+
+
+def ends_with_eos(example: TokenizedExample, eos_token_id: int | None) -> bool:
+    """Whether the last token is a trained EOS (what teaches the model to stop)."""
+    return (
+        eos_token_id is not None
+        and bool(example.input_ids)
+        and example.input_ids[-1] == eos_token_id
+        and example.loss_mask[-1] == 1
+    )
+
+
+def build_data_report(
+    encoded: Sequence[TokenizedExample],
+    kept: Sequence[TokenizedExample],
+    dropped: Sequence[TokenizedExample],
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: DataFormat,
+    path: str | os.PathLike[str] = "",
+) -> DataReport:
+    """Count what `apply_max_seq_len` did to `encoded` (full length) -> (`kept`, `dropped`)."""
+    eos = tokenizer.eos_token_id
+    return DataReport(
+        path=str(path),
+        num_records=len(encoded),
+        num_examples=len(kept),
+        num_chat=sum(e.is_chat for e in encoded),
+        num_over_max_len=sum(len(e) > fmt.max_seq_len for e in encoded),
+        num_truncated=sum(e.truncated for e in kept),
+        num_dropped=len(dropped),
+        num_empty_responses=sum(e.empty_response for e in encoded),
+        num_without_eos=sum(not ends_with_eos(e, eos) for e in kept),
+        num_tokens=sum(len(e) for e in kept),
+        num_trained_tokens=sum(sum(e.loss_mask) for e in kept),
+        max_seq_len=fmt.max_seq_len,
+        truncation=fmt.truncation,
+        dropped_sources=[e.source for e in dropped[:5]],
+    )
+
+
+def tokenize_records(
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: DataFormat,
+    path: str | os.PathLike[str] = "",
+) -> tuple[list[TokenizedExample], DataReport]:
+    """`encode_records` then `apply_max_seq_len`, with a `DataReport` of the counts."""
+    encoded = encode_records(records, tokenizer, fmt)
+    kept, dropped = apply_max_seq_len(encoded, fmt.max_seq_len, fmt.truncation)
+    return kept, build_data_report(encoded, kept, dropped, tokenizer, fmt, path)
+
+
+def load_dataset_for_training(
+    path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase, fmt: DataFormat
+) -> tuple[list[TokenizedExample], DataReport]:
+    """Load, validate and tokenize a data file for training or evaluation.
+
+    Raises:
+        ValueError: any error of `load_records`, or no example left after max_seq_len.
+    """
+    records = load_records(path, fmt)
+    examples, report = tokenize_records(records, tokenizer, fmt, path)
+    if not examples:
+        raise ValueError(
+            f"{path}: all {report.num_records} examples were dropped: longer than "
+            f"max_seq_len={fmt.max_seq_len} (truncation={fmt.truncation!r})"
+        )
+    return examples, report

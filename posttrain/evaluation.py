@@ -1,0 +1,70 @@
+"""Held-out evaluation during training: response-token loss, perplexity, accuracy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from posttrain.data.batching import collate
+from posttrain.data.tokenized import TokenizedExample
+from posttrain.distributed import DistInfo, unwrap_model
+from posttrain.loss import StepStats
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Every tensor of a collated batch on `device` (non-blocking copies)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to `dtype` on `device`, or a disabled autocast when `dtype` is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    loss_module: nn.Module,
+    examples: Sequence[TokenizedExample],
+    micro_batch_size: int,
+    pad_id: int,
+    info: DistInfo,
+    autocast_dtype: torch.dtype | None,
+) -> dict[str, float]:
+    """Response NLL per token, perplexity, entropy and token accuracy on held-out data.
+
+    Every rank must call this: each scores its share and the sums are all-reduced.
+    Returns {"eval_loss", "eval_perplexity", "eval_entropy", "eval_token_accuracy"}.
+    """
+    # DDP's forward may broadcast buffers, a collective: its inner module needs none.
+    module = unwrap_model(loss_module)
+    module.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    mine = order[info.rank :: info.world_size]
+    stats = StepStats()
+    # Under FSDP every forward all-gathers parameters, so every rank runs the same number
+    # of forwards; one that has run out of examples repeats one and does not count it.
+    rounds = math.ceil(math.ceil(len(examples) / info.world_size) / micro_batch_size)
+    for start in range(0, rounds * micro_batch_size, micro_batch_size):
+        ids = mine[start : start + micro_batch_size]
+        batch = to_device(collate([examples[i] for i in ids or order[:1]], pad_id), info.device)
+        with autocast(info.device, autocast_dtype):
+            out = module(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                batch["response_mask"].float(),
+            )
+        if ids:
+            stats.add(out, batch)
+    module.train()
+    total = stats.all_reduced(info)
+    nll = total.nll_sum / max(total.num_tokens, 1.0)
+    return {
+        "eval_loss": nll,
+        "eval_perplexity": math.exp(min(nll, 700.0)),
+        "eval_entropy": total.mean_entropy,
+        "eval_token_accuracy": total.token_accuracy,
+    }
