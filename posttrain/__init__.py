@@ -8,10 +8,24 @@ from posttrain.primitives import (
     sft_microbatch_train_step,
     tokenize_prompt_and_output,
 )
+from posttrain.rl import (
+    compute_group_normalized_rewards,
+    compute_grpo_clip_loss,
+    compute_naive_policy_gradient_loss,
+    compute_policy_gradient_loss,
+    grpo_microbatch_train_step,
+    kl_penalty,
+)
 
 __all__ = [
     "compute_entropy",
+    "compute_group_normalized_rewards",
+    "compute_grpo_clip_loss",
+    "compute_naive_policy_gradient_loss",
+    "compute_policy_gradient_loss",
     "get_response_log_probs",
+    "grpo_microbatch_train_step",
+    "kl_penalty",
     "masked_mean",
     "masked_normalize",
     "sft_microbatch_train_step",
