@@ -89,10 +89,23 @@ class SFTConfig:
     group_by_length: bool = _f(True, "batch examples of similar length to reduce padding")
     # --- logging, evaluation, checkpoints
     log_every: int = _f(1, "log metrics every N optimizer steps")
-    eval_every: int = _f(0, "evaluate every N steps (0: never)")
+    eval_every: int = _f(0, "evaluate every N steps (0: only at the end, when eval_file is set)")
+    eval_limit: int | None = _f(
+        None, "evaluate on the first N examples of eval_file only (none: all of them)"
+    )
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
     keep_last: int = _f(2, "number of most recent checkpoints to keep")
-    resume: bool = _f(False, "resume from the latest complete checkpoint in output_dir")
+    resume: bool = _f(
+        False,
+        "resume from the latest complete checkpoint in output_dir (--resume PATH: from that "
+        "checkpoint directory)",
+    )
+    resume_from: str | None = _f(None, "checkpoint directory to resume from (implies resume)")
+    resume_with_changes: bool = _f(
+        False,
+        "resume even though the model, data, batch geometry or seed differ from the "
+        "checkpoint's config (the run will not match an uninterrupted one)",
+    )
     report_to: Literal["none", "wandb", "tensorboard"] = _f(
         "none", "also send metrics to this tracker"
     )
@@ -244,6 +257,14 @@ def _renamed(values: dict[str, Any], source: str | None = None) -> dict[str, Any
     return out
 
 
+def _resume_path(values: dict[str, Any]) -> dict[str, Any]:
+    """`resume: PATH` (YAML or `--resume PATH`) -> resume_from=PATH, resume=True."""
+    value = values.get("resume")
+    if isinstance(value, str) and value.lower() not in _TRUE | _FALSE:
+        values = {**values, "resume": True, "resume_from": value}
+    return values
+
+
 def _check_unknown(keys: typing.Iterable[str], source: str | None = None) -> None:
     where = f" in {source}" if source else ""
     for key in keys:
@@ -272,7 +293,7 @@ def _validate(cfg: SFTConfig) -> None:
         need(bool(getattr(cfg, name)), name, "must not be empty")
     for name in ("max_seq_len", "micro_batch_size", "grad_accum_steps", "log_every", "keep_last"):
         need(getattr(cfg, name) >= 1, name, "must be >= 1")
-    for name in ("max_steps", "loss_chunk_size", "num_threads"):
+    for name in ("max_steps", "loss_chunk_size", "num_threads", "eval_limit"):
         value = getattr(cfg, name)
         need(value is None or value >= 1, name, "must be >= 1 (or none)")
     for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm"):
@@ -287,6 +308,8 @@ def _validate(cfg: SFTConfig) -> None:
     need(0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)")
     if cfg.eval_every > 0 and cfg.eval_file is None:
         raise ValueError(f"eval_every is {cfg.eval_every} but no eval_file is set")
+    if cfg.resume_from is not None:
+        cfg.resume = True
     if cfg.resume and cfg.overwrite:
         raise ValueError(
             "resume and overwrite are mutually exclusive: overwrite would discard the "
@@ -308,7 +331,7 @@ def config_from_dict(d: typing.Mapping[str, Any], source: str | None = None) -> 
         raise ValueError(f"config must be a mapping, got {type(d).__name__}")
     _check_unknown(d, source)
     try:
-        return SFTConfig(**_renamed(dict(d), source))
+        return SFTConfig(**_resume_path(_renamed(dict(d), source)))
     except ValueError as exc:
         if source:
             raise ValueError(f"{source}: {exc}") from None
@@ -407,7 +430,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         # '%' would be read as a format specifier by argparse's help formatter.
         help_text = f"{f.metadata['help']} ({default_text})".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if base is bool:
+        if name == "resume":
+            # `--resume` alone: the latest checkpoint; `--resume PATH`: that checkpoint.
+            kwargs.update(nargs="?", const="true", metavar="PATH")
+            group.add_argument(
+                "--no-resume",
+                dest=name,
+                action="store_const",
+                const="false",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
+        elif base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is Literal:
             kwargs["choices"] = list(typing.get_args(base))
@@ -435,7 +469,7 @@ def config_from_args(args: argparse.Namespace) -> SFTConfig:
     if source:
         values = load_config(source)
         _check_unknown(values, str(source))
-        values = _renamed(values, str(source))
+        values = _resume_path(_renamed(values, str(source)))
         # Type errors in the file are reported with its name; once flags are merged
         # in, a bad value could come from either, so later errors name only the field.
         for name, value in values.items():
@@ -444,5 +478,5 @@ def config_from_args(args: argparse.Namespace) -> SFTConfig:
             except ValueError as exc:
                 raise ValueError(f"{source}: {exc}") from None
     flags = {name: getattr(args, name) for name in (*FIELDS, *RENAMED) if hasattr(args, name)}
-    values.update(_renamed(flags))
+    values.update(_resume_path(_renamed(flags)))
     return SFTConfig(**values)
