@@ -3,10 +3,11 @@
 Everything here runs the trainer's own data path (`posttrain.data`): the same loading,
 the same tokenization, the same max_seq_len policy, the same batch planner and the same
 `collate`, so what is shown is what `posttrain sft` would train on. The silent data bugs
-this is meant to catch: a loss mask that covers the prompt, an EOS that is never a
-label, examples truncated away, a chat template that renders something unexpected, and
-prompt/response pairs whose separate tokenization differs from that of their
-concatenated text.
+this is meant to catch: a loss mask that covers the prompt, an EOS (or a chat's
+end-of-turn token) that is never a label, examples truncated away, a chat template that
+renders something unexpected, and prompt/response pairs whose separate tokenization
+differs from that of their concatenated text (`boundary_warning` says so at the start of
+`posttrain sft`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from posttrain.data.tokenized import (
     apply_max_seq_len,
     build_data_report,
     encode_records,
+    end_of_turn_token_ids,
+    stop_token_ids,
 )
 from posttrain.primitives import encode_prompts_and_outputs
 
@@ -90,9 +93,11 @@ class DataStats(DataReport):
     """Statistics of one data set as `posttrain sft` would train on it: the trainer's
     `DataReport` plus what only `inspect` computes.
 
-    Length percentiles are in tokens, before max_seq_len is applied (the data as it is);
-    a response's length counts its trained tokens (response and EOS; for chats every
-    assistant turn). Counts of EOS and padding are after max_seq_len (as trained).
+    Length percentiles are in tokens, before max_seq_len is applied (the data as it is),
+    and add up example by example: response = trained tokens (response and EOS; for chats
+    every assistant turn's content and end-of-turn token), prompt = total - response (for
+    chats every untrained token: template markup, system and user turns, however many).
+    Counts of EOS and padding are after max_seq_len (as trained).
     """
 
     prompt_length_percentiles: dict[str, int]
@@ -166,6 +171,35 @@ def boundary_mismatches(
     return len(pairs), found
 
 
+def boundary_warning(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, threshold: float = 0.01
+) -> str | None:
+    """A one-paragraph warning for the start of `posttrain sft` when more than `threshold`
+    (a fraction, 0 to 1) of the prompt/response pairs tokenize differently apart (as
+    trained) than joined (as the text reads); None otherwise, and when there are no pairs.
+
+    The default is low because a separated data set has no mismatch at all, while a glued
+    one shows only some: raw GSM8K (question straight into answer) has 62 in 1,319 (4.7%)
+    with Qwen2.5's tokenizer, only where a "." meets a letter. Tokenizes every pair once
+    more (`boundary_mismatches`: three batched calls, about 1 s per 1,000 pairs on 2 cores).
+    """
+    checked, mismatches = boundary_mismatches(records, tokenizer)
+    if not checked or len(mismatches) / checked <= threshold:
+        return None
+    first = mismatches[0]
+    return (
+        f"{len(mismatches)} of {checked} prompt/response pairs "
+        f"({len(mismatches) / checked:.1%}) tokenize differently apart than joined, e.g. "
+        f"{first.source}: trained {first.separate!r} where the joined text has "
+        f"{first.joint!r}. Prompt and response are tokenized separately, so the model "
+        "learns token boundaries that the text read as one never has (typically a prompt "
+        "running straight into its answer, as in raw GSM8K). Put a separator between "
+        "them: end every prompt with a newline or start every response with a space (a "
+        "prompt ending in a space mismatches too: most tokenizers attach the space to the "
+        "next word), or apply a prompt template; `posttrain inspect` lists the pairs."
+    )
+
+
 def compute_stats(
     records: Sequence[Record],
     tokenizer: PreTrainedTokenizerBase,
@@ -191,7 +225,7 @@ def compute_stats(
     prompt_keys = [_prompt_key(r) for r in records]
     stats = DataStats(
         **{f.name: getattr(report, f.name) for f in fields(DataReport)},
-        prompt_length_percentiles=length_percentiles([e.prompt_len for e in encoded]),
+        prompt_length_percentiles=length_percentiles([len(e) - sum(e.loss_mask) for e in encoded]),
         response_length_percentiles=length_percentiles([sum(e.loss_mask) for e in encoded]),
         total_length_percentiles=length_percentiles([len(e) for e in encoded]),
         num_duplicate_prompts=len(prompt_keys) - len(set(prompt_keys)),
@@ -232,7 +266,7 @@ def format_stats(stats: DataStats) -> list[str]:
     lines += [
         over,
         f"  empty responses: {stats.num_empty_responses}",
-        f"  trained examples ending without EOS: {stats.num_without_eos}",
+        f"  trained examples ending without EOS (chats: end-of-turn): {stats.num_without_eos}",
         f"  duplicate prompts: {stats.num_duplicate_prompts}",
         f"  padding per epoch (micro-batch {stats.micro_batch_size}): "
         f"{stats.padding_fraction_in_order:.1%} in file order, "
@@ -278,8 +312,9 @@ def example_views(
     """Collate `examples` as one batch and label each position of each padded row.
 
     The row's tokens are `input_ids[:, 0]` followed by `labels` (the padded sequence,
-    max_len long). A token is "response" (or "eos", when it is the EOS id) exactly where
-    `collate`'s `response_mask` is 1 on its label; the first token is never a label.
+    max_len long). A token is "response" (or "eos", when it is a stop token: the EOS id,
+    or for a chat its end-of-turn token, e.g. `<|im_end|>`) exactly where `collate`'s
+    `response_mask` is 1 on its label; the first token is never a label.
     Positions past the example's length are "pad"; the rest are "prompt" (context, not
     trained: the prompt, and for chats the template markup and other turns).
     """
@@ -291,14 +326,16 @@ def example_views(
         [torch.zeros_like(batch["response_mask"][:, :1]), batch["response_mask"]], dim=1
     )
     eos = tokenizer.eos_token_id
+    end_of_turn = end_of_turn_token_ids(tokenizer) if any(e.is_chat for e in examples) else []
     views = []
     for row, example in enumerate(examples):
+        stops = stop_token_ids(example, eos, end_of_turn)
         ids = tokens[row].tolist()
         texts = _token_texts(tokenizer, ids)
         cells = []
         for j, (tok, text) in enumerate(zip(ids, texts, strict=True)):
             if trained[row, j] != 0:
-                role = "eos" if tok == eos else "response"
+                role = "eos" if tok in stops else "response"
             elif j >= len(example):
                 role = "pad"
             else:

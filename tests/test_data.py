@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -20,7 +21,12 @@ from posttrain.data.batching import (
     rank_micro_batches,
 )
 from posttrain.data.records import Record, load_records
-from posttrain.data.tokenized import encode_records, load_dataset_for_training, tokenize_records
+from posttrain.data.tokenized import (
+    encode_records,
+    end_of_turn_token_ids,
+    load_dataset_for_training,
+    tokenize_records,
+)
 from posttrain.offline import train_bpe_tokenizer
 from posttrain.primitives import pad_token_id_of, tokenize_prompt_and_output
 
@@ -44,6 +50,54 @@ CHAT = [
     {"role": "user", "content": "And the quick brown fox?"},
     {"role": "assistant", "content": "It jumps over the lazy dog."},
 ]
+
+
+# Qwen2.5's chat template without its tool-calling branches (default system prompt
+# included), and Llama 3's.
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first)"
+    " or message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizers(qwen_tokenizer: PreTrainedTokenizerFast) -> dict[str, PreTrainedTokenizerFast]:
+    """(end-of-turn token, tokenizer) by name: Qwen2.5 base (EOS <|endoftext|>) and
+    Instruct (EOS <|im_end|>) with Qwen2.5's template, and a Llama 3 base lookalike
+    (EOS <|end_of_text|>, turns ending with <|eot_id|>)."""
+    base = copy.deepcopy(qwen_tokenizer)  # the session fixture stays as it is
+    base.chat_template = QWEN25_TEMPLATE
+    instruct = copy.deepcopy(base)
+    instruct.eos_token = "<|im_end|>"
+    llama3 = train_bpe_tokenizer(CORPUS, vocab_size=384, add_bos=False)
+    llama3.add_tokens(LLAMA3_SPECIALS, special_tokens=True)
+    llama3.bos_token, llama3.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
+    llama3.chat_template = LLAMA3_TEMPLATE
+    return {"qwen_base": base, "qwen_instruct": instruct, "llama3": llama3}
 
 
 def trained_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
@@ -150,32 +204,85 @@ def test_chat_loss_covers_assistant_content_and_end_token_only(
 ) -> None:
     record = Record(None, None, CHAT, "chat:1")
     assistant = [m["content"] for m in CHAT if m["role"] == "assistant"]
-    # Qwen base: EOS is <|endoftext|>, the turn ends with <|im_end|>, so EOS is appended.
+    # Qwen base: EOS is <|endoftext|>, the turn ends with <|im_end|>: the turn is trained
+    # as the template renders it, through <|im_end|>, and no EOS is added.
     (ex,) = encode_records([record], qwen_tokenizer, fmt())
     runs = trained_runs(ex.input_ids, ex.loss_mask)
-    assert [qwen_tokenizer.decode(r) for r in runs] == [
-        f"{c}<|im_end|><|endoftext|>" for c in assistant
-    ]
+    assert [qwen_tokenizer.decode(r) for r in runs] == [f"{c}<|im_end|>" for c in assistant]
     context = qwen_tokenizer.decode(ex.input_ids[: ex.prompt_len])
     assert context.endswith("<|im_start|>assistant\n")
     # Untrained plus trained tokens rebuild the rendering, less its final newline
-    # (nothing is trained after it), and the sequence ends with the EOS.
+    # (nothing is trained after it); the sequence ends with the trained <|im_end|>.
     rendered = qwen_tokenizer.apply_chat_template(CHAT, tokenize=False)
-    no_eos = [t for t in ex.input_ids if t != qwen_tokenizer.eos_token_id]
-    assert qwen_tokenizer.decode(no_eos) + "\n" == rendered
-    assert ex.input_ids[-1] == qwen_tokenizer.eos_token_id and ex.loss_mask[-1] == 1
+    assert qwen_tokenizer.decode(ex.input_ids) + "\n" == rendered
+    assert qwen_tokenizer.eos_token_id not in ex.input_ids
+    im_end = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ex.input_ids[-1] == im_end and ex.loss_mask[-1] == 1
 
-    # A tokenizer whose EOS is the template's end token gets no second end token.
+    # A tokenizer whose EOS is the template's end token: the same turns.
     tok = train_bpe_tokenizer(CORPUS, vocab_size=384, add_bos=True)
     tok.eos_token = "<|im_end|>"
     (ex,) = encode_records([record], tok, fmt())
     assert [tok.decode(r) for r in trained_runs(ex.input_ids, ex.loss_mask)] == [
         f"{c}<|im_end|>" for c in assistant
     ]
+    # append_eos is for prompt/response pairs: a chat is the same with it off.
+    (ex_on,) = encode_records([record], qwen_tokenizer, fmt())
     (ex_off,) = encode_records([record], qwen_tokenizer, fmt(append_eos=False))
-    assert [qwen_tokenizer.decode(r) for r in trained_runs(ex_off.input_ids, ex_off.loss_mask)] == [
-        f"{c}<|im_end|>" for c in assistant
-    ]
+    assert (ex_off.input_ids, ex_off.loss_mask) == (ex_on.input_ids, ex_on.loss_mask)
+
+
+@pytest.mark.parametrize(
+    ("name", "end_token"),
+    [("qwen_base", "<|im_end|>"), ("qwen_instruct", "<|im_end|>"), ("llama3", "<|eot_id|>")],
+)
+@pytest.mark.parametrize("messages", [CHAT, CHAT[1:]], ids=["system", "no_system"])
+def test_chats_train_token_for_token_as_the_template_renders(
+    name: str,
+    end_token: str,
+    messages: list[dict[str, str]],
+    chat_tokenizers: dict[str, PreTrainedTokenizerFast],
+) -> None:
+    tok = chat_tokenizers[name]
+    end = tok.convert_tokens_to_ids(end_token)
+    eos = tok.eos_token_id
+    assert end_of_turn_token_ids(tok) == ([end] if end == eos else [end, eos])
+
+    record = Record(None, None, messages, "chat:1")
+    examples, report = tokenize_records([record], tok, fmt())
+    (ex,) = examples
+    assert report.num_without_eos == 0  # it ends with a trained end-of-turn token
+    template_ids = list(
+        tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    )
+    # The template's own tokenization, up to the last trained token: no token added;
+    # what is cut after it is whitespace (ChatML's final newline).
+    n = len(ex.input_ids)
+    assert ex.input_ids == template_ids[:n]
+    assert tok.decode(template_ids[n:]).strip() == ""
+    if end != eos:
+        assert eos not in ex.input_ids
+    # The loss covers each assistant content and its end-of-turn token, nothing else.
+    contents = [m["content"] for m in messages if m["role"] == "assistant"]
+    expected = [tok(c, add_special_tokens=False)["input_ids"] + [end] for c in contents]
+    assert trained_runs(ex.input_ids, ex.loss_mask) == expected
+    assert sum(ex.loss_mask) == sum(map(len, expected))
+    # The context before each turn is the generation prompt, as at inference.
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    header = tok.apply_chat_template(messages[:first], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ex.input_ids[: ex.prompt_len]) == header
+    # append_eos is for pairs only.
+    (ex_off,) = encode_records([record], tok, fmt(append_eos=False))
+    assert (ex_off.input_ids, ex_off.loss_mask) == (ex.input_ids, ex.loss_mask)
+
+
+def test_end_of_turn_token_ids_without_a_template(llama_tokenizer) -> None:
+    tok = copy.deepcopy(llama_tokenizer)
+    tok.chat_template = None
+    assert end_of_turn_token_ids(tok) == [tok.eos_token_id]
+    # A template that renders no special token after the content: EOS only.
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert end_of_turn_token_ids(tok) == [tok.eos_token_id]
 
 
 def test_mixed_pairs_and_chats_keep_file_order(tmp_path: Path, nobos_tokenizer) -> None:

@@ -17,6 +17,7 @@ from posttrain.data.records import Record, load_records
 from posttrain.data.tokenized import encode_records
 from posttrain.data_report import (
     RICH_STYLES,
+    boundary_warning,
     compute_stats,
     example_views,
     length_percentiles,
@@ -26,6 +27,7 @@ from posttrain.data_report import (
 )
 from posttrain.primitives import pad_token_id_of
 
+GSM8K_RAW = Path("/work/shared/data/gsm8k_test.jsonl")
 LONG = " the quick brown fox jumps over the lazy dog" * 3
 ROWS = [
     {"prompt": "Question: What is 12 + 30? Answer:", "response": " 42"},
@@ -132,6 +134,7 @@ def test_view_marks_exactly_the_collated_response_mask(
     _, examples = compute_stats(records, tok, config, micro_batch_size=4)
     pad = pad_token_id_of(tok)
     assert pad == tok.eos_token_id
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
     views = example_views(examples, tok, pad)
     batch = collate(examples, pad)
     mask = batch["response_mask"]
@@ -141,10 +144,12 @@ def test_view_marks_exactly_the_collated_response_mask(
         assert len(view.tokens) == mask.shape[1] + 1
         roles = [c.role for c in view.tokens]
         assert roles[0] == "prompt"  # the first token is never a label
+        # The stop tokens: EOS for a pair; a chat's end-of-turn token (or EOS).
+        stops = {pad, im_end} if example.is_chat else {pad}
         for j in range(1, len(roles)):
             assert (roles[j] in ("response", "eos")) == (mask[row, j - 1] == 1)
             assert (roles[j] == "pad") == (j >= len(example))
-            assert (roles[j] == "eos") == (mask[row, j - 1] == 1 and view.tokens[j].id == pad)
+            assert (roles[j] == "eos") == (mask[row, j - 1] == 1 and view.tokens[j].id in stops)
         assert [c.id for c in view.tokens[: len(example)]] == example.input_ids
 
         # The terminal view: a header, then one styled span per shown token, styled by role.
@@ -162,10 +167,67 @@ def test_view_marks_exactly_the_collated_response_mask(
         assert plain.count("[response: ") == runs.count("response")
         assert plain.count("[eos: ") == runs.count("eos")
         assert ("[pad x" in plain) == bool(n_pad)
-    # The chat trains its assistant turns (content, <|im_end|>, EOS) and nothing else.
+    # The chat trains its assistant turns as the template renders them (content and
+    # <|im_end|>, the stop token, shown as such; no EOS added) and nothing else.
     chat = views[-1]
     trained = "".join(c.text for c in chat.tokens if c.role in ("response", "eos"))
-    assert trained == "42<|im_end|></s>Hello, world!<|im_end|></s>"
+    assert trained == "42<|im_end|>Hello, world!<|im_end|>"
+    assert [c.text for c in chat.tokens if c.role == "eos"] == ["<|im_end|>"] * 2
+    assert render_plain(chat).count("[eos: <|im_end|>]") == 2
+
+
+def test_chat_lengths_add_up(nobos_tokenizer: PreTrainedTokenizerFast) -> None:
+    tok = nobos_tokenizer
+    long_chat = [
+        *CHAT,
+        {"role": "user", "content": "Bye?"},
+        {"role": "assistant", "content": "Bye."},
+    ]
+    chats = [CHAT[:2], CHAT, long_chat]  # 1, 2 and 3 assistant turns
+    records = [Record(None, None, c, f"c:{i}") for i, c in enumerate(chats)]
+    stats, _ = compute_stats(records, tok, fmt(), micro_batch_size=2)
+    responses, totals = [], []
+    for chat in chats:
+        # Trained: each assistant content and its <|im_end|>; the sequence: the template's
+        # rendering less its final newline.
+        contents = [m["content"] for m in chat if m["role"] == "assistant"]
+        responses.append(sum(n_tokens(tok, c, False) + 1 for c in contents))
+        totals.append(n_tokens(tok, tok.apply_chat_template(chat, tokenize=False)[:-1], False))
+    prompts = [t - r for t, r in zip(totals, responses, strict=True)]
+    # Every user turn and all template markup counts as prompt: more than the tokens
+    # before the first trained one, for the multi-turn chats.
+    (first,) = encode_records(records[1:2], tok, fmt())
+    assert prompts[1] > first.prompt_len
+    assert sorted(prompts) == prompts and sorted(responses) == responses
+    for name, p, r, t in zip(("min", "p50", "max"), prompts, responses, totals, strict=True):
+        assert stats.prompt_length_percentiles[name] == p
+        assert stats.response_length_percentiles[name] == r
+        assert stats.total_length_percentiles[name] == t == p + r
+
+
+def test_boundary_warning(tmp_path: Path, nobos_tokenizer: PreTrainedTokenizerFast) -> None:
+    clean = {"prompt": "Hello,", "response": " world!"}
+    glued = {"prompt": "Answer: ", "response": "42"}  # ' ' then '4' apart, ' 4' joined
+    chat = {"messages": CHAT}
+
+    def warning(rows: list[dict[str, object]], **kw: float) -> str | None:
+        records = load_records(write_jsonl(tmp_path / "d.jsonl", rows), fmt())
+        return boundary_warning(records, nobos_tokenizer, **kw)
+
+    assert warning([clean] * 20) is None
+    assert warning([clean] * 19 + [glued], threshold=0.05) is None  # 5%: not more
+    assert warning([clean] * 19 + [glued]) is not None  # the default threshold is 1%
+    rows = [chat, *[clean] * 17, glued, glued]  # 2 of 19 pairs, the first on line 19
+    message = warning(rows)
+    assert message is not None and "\n" not in message
+    assert message.startswith("2 of 19 prompt/response pairs (10.5%) tokenize differently")
+    assert f"{tmp_path / 'd.jsonl'}:19: trained [' ', '4'] where the joined text has [' 4']" in (
+        message
+    )
+    assert "newline" in message and "prompt template" in message
+    assert warning(rows, threshold=0.2) is None
+    assert warning([chat]) is None  # no pairs to check
+    assert warning([glued], threshold=0.0) is not None
 
 
 def test_html_shows_every_example(tmp_path: Path, nobos_tokenizer: PreTrainedTokenizerFast) -> None:
@@ -226,3 +288,12 @@ def test_cli_json_html_and_plot(tmp_path: Path, nobos_tokenizer, capsys) -> None
 def test_length_percentiles_of_nothing() -> None:
     assert set(length_percentiles([]).values()) == {0}
     assert length_percentiles([5]) == dict.fromkeys(["min", "p50", "p90", "p95", "p99", "max"], 5)
+
+
+def test_boundary_warning_on_raw_gsm8k(qwen_tokenizer: PreTrainedTokenizerFast) -> None:
+    # Raw GSM8K: the question runs straight into the answer ("...each day.The...").
+    config = fmt(prompt_field="question", response_field="answer")
+    records = load_records(GSM8K_RAW, config)
+    message = boundary_warning(records, qwen_tokenizer)
+    assert message is not None and message.startswith("62 of 1319 prompt/response pairs (4.7%)")
+    assert f"{GSM8K_RAW}:31: trained ['.', 'The'] where the joined text has ['.The']" in message

@@ -2,14 +2,15 @@
 
 Prompt/response pairs go through the primitives' `encode_prompts_and_outputs` (one
 batched call), so the trainer trains on exactly what `tokenize_prompt_and_output`
-produces, plus the EOS id. Chats are rendered with the tokenizer's chat template, the
-loss covering assistant turns only.
+produces, plus the EOS id. Chats are trained token for token as the tokenizer's chat
+template renders them, the loss covering assistant turns only (content and the
+template's end-of-turn token, the stop token); posttrain adds no token to a chat.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -23,9 +24,12 @@ class TokenizedExample:
     """One training sequence.
 
     `input_ids`: prompt tokens (with the tokenizer's special tokens, e.g. a BOS) followed
-    by response tokens and, by default, the EOS id. `loss_mask`: one 0/1 per token, 1 on
-    the trained targets (response tokens, EOS; for chats the assistant turns).
-    `prompt_len`: tokens before the first trained token. `source`: "file:line".
+    by response tokens and, by default, the EOS id; for chats the template's rendering
+    up to the last assistant turn's end-of-turn token. `loss_mask`: one 0/1 per token, 1
+    on the trained targets (response tokens, EOS; for chats each assistant turn's content
+    and end-of-turn token). `prompt_len`: tokens before the first trained token (for a
+    multi-turn chat, later user turns are untrained too: the untrained count is
+    `len(input_ids) - sum(loss_mask)`). `source`: "file:line".
     """
 
     input_ids: list[int]
@@ -80,7 +84,10 @@ class DataReport:
         if self.num_empty_responses:
             lines.append(f"  {self.num_empty_responses} empty responses")
         if self.num_without_eos:
-            lines.append(f"  {self.num_without_eos} examples end without EOS")
+            lines.append(
+                f"  {self.num_without_eos} examples end without EOS "
+                "(chats: without an end-of-turn token)"
+            )
         return "\n".join(lines)
 
 
@@ -108,15 +115,47 @@ def _render(
     return text
 
 
+def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids that end an assistant turn, for use as stop tokens: a list of ints.
+
+    First the chat template's end-of-turn token, found by rendering [user "x", assistant
+    "y"] and taking the first added (special) token after the content "y" (`<|im_end|>`
+    for ChatML, `<|eot_id|>` for Llama 3), then the EOS id; no duplicates. Just [EOS]
+    when the tokenizer has no chat template, or the template renders no special token
+    after the content (or fails on this chat); [] when there is no EOS either.
+    """
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if getattr(tokenizer, "chat_template", None) is None:
+        return eos
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    try:
+        before = _render(tokenizer, messages[:1], "end_of_turn_token_ids", True)
+        through = _render(tokenizer, messages, "end_of_turn_token_ids", False)
+    except ValueError:
+        return eos
+    # The content sits after the generation prompt; a template that does not render
+    # prefix by prefix still ends with the last turn, so take the last "y" there.
+    at = through.find("y", len(before)) if through.startswith(before) else through.rfind("y")
+    if at < 0:
+        return eos
+    special = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
+    tail = tokenizer(through[at + 1 :], add_special_tokens=False)["input_ids"]
+    end = next((int(t) for t in tail if t in special), None)
+    return eos if end is None or end in eos else [end, *eos]
+
+
 def chat_segments(record: Record, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
     """Split a chat's rendered text into (text, trained) pieces, in order.
 
-    Each assistant turn is found by rendering prefixes: the turn's trained text starts
-    after `messages[:i]` rendered with the generation prompt (so `<|im_start|>assistant\\n`
-    is context, as it is at inference) and ends where `messages[:i+1]` ends, less trailing
-    whitespace (the newline after ChatML's `<|im_end|>` is never generated). Tokenizing the
-    pieces separately makes the boundary the one seen at inference, when the prompt is
-    tokenized on its own and the model generates from there.
+    The pieces join to exactly the template's rendering (`apply_chat_template(messages,
+    tokenize=False)`). Each assistant turn is found by rendering prefixes: the turn's
+    trained text starts after `messages[:i]` rendered with the generation prompt (so
+    `<|im_start|>assistant\\n` is context, as it is at inference) and ends where
+    `messages[:i+1]` ends, less trailing whitespace: it runs through the turn's
+    end-of-turn token (`<|im_end|>`, `<|eot_id|>`), the stop token the model learns, but
+    not the newline after it, which is never generated. Tokenizing the pieces separately
+    makes the boundary the one seen at inference, when the prompt is tokenized on its
+    own and the model generates from there.
     """
     if record.messages is None:
         raise ValueError(f"{record.source}: not a chat record")
@@ -150,6 +189,63 @@ def chat_segments(record: Record, tokenizer: PreTrainedTokenizerBase) -> list[tu
     return pieces
 
 
+def _encode_pairs(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, eos: int | None
+) -> list[TokenizedExample]:
+    prompt_ids, response_ids = encode_prompts_and_outputs(
+        [r.prompt or "" for r in records], [r.response or "" for r in records], tokenizer
+    )
+    out = []
+    for record, p, r in zip(records, prompt_ids, response_ids, strict=True):
+        empty = len(r) == 0
+        if eos is not None and (empty or r[-1] != eos):
+            r = [*r, eos]
+        out.append(
+            TokenizedExample(
+                input_ids=list(p) + list(r),
+                loss_mask=[0] * len(p) + [1] * len(r),
+                prompt_len=len(p),
+                source=record.source,
+                empty_response=empty,
+            )
+        )
+    return out
+
+
+def _encode_chats(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase
+) -> list[TokenizedExample]:
+    all_pieces = [chat_segments(r, tokenizer) for r in records]
+    flat = [text for pieces in all_pieces for text, _ in pieces]
+    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
+    out = []
+    for record, pieces in zip(records, all_pieces, strict=True):
+        ids: list[int] = []
+        mask: list[int] = []
+        for _, trained in pieces:
+            piece = list(next(flat_ids))
+            ids += piece
+            mask += [int(trained)] * len(piece)
+        # Tokens after the last trained one (the template's closing newline, a final
+        # user turn) cannot change any trained prediction: cut them, so the sequence
+        # ends at the last assistant turn's end-of-turn token.
+        while mask and not mask[-1] and 1 in mask:
+            ids.pop()
+            mask.pop()
+        assistant = [m for m in record.messages or () if m["role"] == "assistant"]
+        out.append(
+            TokenizedExample(
+                input_ids=ids,
+                loss_mask=mask,
+                prompt_len=mask.index(1) if 1 in mask else len(mask),
+                source=record.source,
+                empty_response=all(m["content"] == "" for m in assistant),
+                is_chat=True,
+            )
+        )
+    return out
+
+
 def encode_records(
     records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, fmt: DataFormat
 ) -> list[TokenizedExample]:
@@ -158,61 +254,24 @@ def encode_records(
     Pairs: `encode_prompts_and_outputs` on all pairs at once (prompt with special tokens,
     response without), then the EOS id when `fmt.append_eos` (not when the response
     already ends with it). Chats: `chat_segments`, all pieces tokenized in one batched call
-    without special tokens (templates write their own, as `apply_chat_template` does);
-    the EOS id follows an assistant turn that does not already end with it, and tokens
-    after the last trained one are left out.
+    without special tokens (templates write their own, as `apply_chat_template` does),
+    and tokens after the last trained one left out. No token is added to a chat, whatever
+    `fmt.append_eos`: a template that ends a turn with `<|im_end|>` and a base tokenizer
+    whose EOS is `<|endoftext|>` would otherwise train `<|im_end|><|endoftext|>`, which
+    the template never renders.
     """
-    eos = _eos_id(tokenizer) if fmt.append_eos else None
-    out: list[TokenizedExample | None] = [None] * len(records)
-
     pair_idx = [i for i, r in enumerate(records) if r.messages is None]
-    if pair_idx:
-        prompt_ids, response_ids = encode_prompts_and_outputs(
-            [records[i].prompt for i in pair_idx],  # type: ignore[misc]
-            [records[i].response for i in pair_idx],  # type: ignore[misc]
-            tokenizer,
-        )
-        for i, p, r in zip(pair_idx, prompt_ids, response_ids, strict=True):
-            empty = len(r) == 0
-            if eos is not None and (empty or r[-1] != eos):
-                r = [*r, eos]
-            out[i] = TokenizedExample(
-                input_ids=list(p) + list(r),
-                loss_mask=[0] * len(p) + [1] * len(r),
-                prompt_len=len(p),
-                source=records[i].source,
-                empty_response=empty,
-            )
-
     chat_idx = [i for i, r in enumerate(records) if r.messages is not None]
+    out: list[TokenizedExample | None] = [None] * len(records)
+    if pair_idx:
+        eos = _eos_id(tokenizer) if fmt.append_eos else None
+        pairs = _encode_pairs([records[i] for i in pair_idx], tokenizer, eos)
+        for i, example in zip(pair_idx, pairs, strict=True):
+            out[i] = example
     if chat_idx:
-        all_pieces = [chat_segments(records[i], tokenizer) for i in chat_idx]
-        flat = [text for pieces in all_pieces for text, _ in pieces]
-        flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
-        for i, pieces in zip(chat_idx, all_pieces, strict=True):
-            ids: list[int] = []
-            mask: list[int] = []
-            for _, trained in pieces:
-                piece = list(next(flat_ids))
-                if trained and eos is not None and (not piece or piece[-1] != eos):
-                    piece.append(eos)
-                ids += piece
-                mask += [int(trained)] * len(piece)
-            # Tokens after the last trained one (the template's closing newline, a final
-            # user turn) cannot change any trained prediction: cut them, so the
-            # sequence ends at the last turn's end token (and EOS).
-            while mask and not mask[-1] and 1 in mask:
-                ids.pop()
-                mask.pop()
-            assistant = [m for m in records[i].messages or () if m["role"] == "assistant"]
-            out[i] = TokenizedExample(
-                input_ids=ids,
-                loss_mask=mask,
-                prompt_len=mask.index(1) if 1 in mask else len(mask),
-                source=records[i].source,
-                empty_response=all(m["content"] == "" for m in assistant),
-                is_chat=True,
-            )
+        chats = _encode_chats([records[i] for i in chat_idx], tokenizer)
+        for i, example in zip(chat_idx, chats, strict=True):
+            out[i] = example
     return [e for e in out if e is not None]
 
 
@@ -251,14 +310,29 @@ def apply_max_seq_len(
     return kept, dropped
 
 
-def ends_with_eos(example: TokenizedExample, eos_token_id: int | None) -> bool:
-    """Whether the last token is a trained EOS (what teaches the model to stop)."""
-    return (
-        eos_token_id is not None
-        and bool(example.input_ids)
-        and example.input_ids[-1] == eos_token_id
-        and example.loss_mask[-1] == 1
-    )
+def stop_token_ids(
+    example: TokenizedExample, eos_token_id: int | None, end_of_turn_ids: Collection[int] = ()
+) -> set[int]:
+    """The ids that end `example` properly: {EOS} for a pair; for a chat the template's
+    end-of-turn ids (`end_of_turn_token_ids`, EOS included) and EOS."""
+    stops = set(end_of_turn_ids) if example.is_chat else set()
+    if eos_token_id is not None:
+        stops.add(int(eos_token_id))
+    return stops
+
+
+def ends_with_eos(
+    example: TokenizedExample, eos_token_id: int | None, end_of_turn_ids: Collection[int] = ()
+) -> bool:
+    """Whether the last trained token is a stop token (what teaches the model to stop).
+
+    A pair: the trained EOS id. A chat: an id in `end_of_turn_ids` (pass
+    `end_of_turn_token_ids(tokenizer)`: `<|im_end|>` ends a ChatML chat properly) or EOS.
+    """
+    last = max((j for j, m in enumerate(example.loss_mask) if m), default=None)
+    if last is None:
+        return False
+    return example.input_ids[last] in stop_token_ids(example, eos_token_id, end_of_turn_ids)
 
 
 def build_data_report(
@@ -271,6 +345,7 @@ def build_data_report(
 ) -> DataReport:
     """Count what `apply_max_seq_len` did to `encoded` (full length) -> (`kept`, `dropped`)."""
     eos = tokenizer.eos_token_id
+    end_of_turn = end_of_turn_token_ids(tokenizer) if any(e.is_chat for e in kept) else []
     return DataReport(
         path=str(path),
         num_records=len(encoded),
@@ -280,7 +355,7 @@ def build_data_report(
         num_truncated=sum(e.truncated for e in kept),
         num_dropped=len(dropped),
         num_empty_responses=sum(e.empty_response for e in encoded),
-        num_without_eos=sum(not ends_with_eos(e, eos) for e in kept),
+        num_without_eos=sum(not ends_with_eos(e, eos, end_of_turn) for e in kept),
         num_tokens=sum(len(e) for e in kept),
         num_trained_tokens=sum(sum(e.loss_mask) for e in kept),
         max_seq_len=fmt.max_seq_len,
