@@ -289,18 +289,36 @@ def save_final_model(
     config: SFTConfig | Mapping[str, Any] | None,
     *,
     model_state_dict: Mapping[str, torch.Tensor] | None = None,
+    step: int | None = None,
 ) -> Path:
     """Write the trained model (and tokenizer, config.yaml) to OUTPUT_DIR/final atomically.
 
     `model_state_dict`: the gathered full weights of a sharded model (see `save_checkpoint`).
+    `step`: the optimizer steps the model was trained for, recorded in the marker so that a
+    resumed run knows the run is finished (`final_step`).
     """
     target = Path(output_dir) / FINAL_DIR
+    info: dict[str, Any] = {"final": True}
+    if step is not None:
+        info["step"] = int(step)
     _write_atomically(
         target,
         lambda tmp: _write_model_dir(tmp, model, tokenizer, config, model_state_dict),
-        {"final": True},
+        info,
     )
     return target
+
+
+def final_step(output_dir: str | os.PathLike[str]) -> int | None:
+    """The step count recorded with OUTPUT_DIR/final, or None (no final model, or one
+    written before steps were recorded)."""
+    marker = Path(output_dir) / FINAL_DIR / COMPLETE_MARKER
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    step = info.get("step") if isinstance(info, dict) else None
+    return step if isinstance(step, int) else None
 
 
 # --------------------------------------------------------------------------- find / prune
@@ -393,15 +411,25 @@ def _model_dir(model_dir: str | os.PathLike[str]) -> Path:
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
-    """The tokenizer of a local model directory; posttrain never downloads one."""
+    """The tokenizer of a local model directory; posttrain never downloads one.
+
+    From a directory without tokenizer files transformers builds, without a word, one that
+    knows only special tokens, and training dies on a 0-element reshape: a ValueError here.
+    """
     from transformers import AutoTokenizer
 
     path = _model_dir(model_dir)
-    with quiet_hf_progress():
-        try:
-            return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot load a tokenizer from {path}: {exc}") from None
+    files = ("tokenizer*", "vocab*", "merges*", "*.model", "*.tiktoken")
+    tokenizer = None
+    if any(next(path.glob(pattern), None) for pattern in files):
+        with quiet_hf_progress():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot load a tokenizer from {path}: {exc}") from None
+    if tokenizer is None or len(tokenizer) <= len(tokenizer.added_tokens_decoder):
+        raise ValueError(f"{path} has no tokenizer files (tokenizer.json or a vocabulary)")
+    return tokenizer
 
 
 def load_pretrained(

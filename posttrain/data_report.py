@@ -37,6 +37,7 @@ from posttrain.data.tokenized import (
     end_of_turn_token_ids,
     stop_token_ids,
 )
+from posttrain.metrics import quiet_font_cache
 from posttrain.primitives import encode_prompts_and_outputs
 
 PERCENTILES = (50, 90, 95, 99)
@@ -404,8 +405,9 @@ def write_length_histogram(
 ) -> Path:
     """A PNG histogram of example lengths in tokens, with the max_seq_len line."""
     # The object API, not pyplot: no global figure state and no GUI backend.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    with quiet_font_cache():
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
     path = Path(path)
     fig = Figure(figsize=(7, 3.5), dpi=100)

@@ -34,7 +34,8 @@ from posttrain.config import SFTConfig
 from posttrain.generation import exact_match_accuracy, load_model_and_tokenizer
 from posttrain.jsonl import read_jsonl, write_jsonl
 from posttrain.offline import tiny_causal_lm
-from posttrain.training import RUN_ARTIFACTS, train
+from posttrain.run_state import RUN_ARTIFACTS
+from posttrain.training import train
 
 PROMPT_PREFIX = "Reverse the word: "
 PROMPT_SUFFIX = " ="

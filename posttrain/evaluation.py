@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,10 +32,12 @@ def evaluate_loss(
     pad_id: int,
     info: DistInfo,
     autocast_dtype: torch.dtype | None,
+    on_batch: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Response NLL per token, perplexity, entropy and token accuracy on held-out data.
 
     Every rank must call this: each scores its share and the sums are all-reduced.
+    `on_batch` receives a short progress text after each micro-batch ("eval 40/1319").
     Returns {"eval_loss", "eval_perplexity", "eval_entropy", "eval_token_accuracy"}.
     """
     # DDP's forward may broadcast buffers, a collective: its inner module needs none.
@@ -59,6 +61,9 @@ def evaluate_loss(
             )
         if ids:
             stats.add(out, batch)
+        if on_batch is not None:
+            scored = min(len(examples), (start + micro_batch_size) * info.world_size)
+            on_batch(f"eval {scored}/{len(examples)}")
     module.train()
     total = stats.all_reduced(info)
     nll = total.nll_sum / max(total.num_tokens, 1.0)

@@ -15,8 +15,9 @@ def read_jsonl(
     """(line number, value) for every non-empty line of a JSON Lines file, 1-based.
 
     A malformed line is a ValueError naming the file and line, unless `skip_malformed`
-    (a metrics log whose last line was torn by a kill). A file that is not UTF-8 text (a
-    binary file with a .jsonl name) is a ValueError naming the file and line.
+    (a metrics log whose last line was torn by a kill). A line that is not UTF-8 text (a
+    binary file with a .jsonl name) is a ValueError naming the file and line, or is skipped
+    with `skip_malformed` (a line torn inside a multi-byte character).
     """
     path = Path(path)
     rows: list[tuple[int, Any]] = []
@@ -25,6 +26,8 @@ def read_jsonl(
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
+                if skip_malformed:
+                    continue  # a line torn inside a multi-byte character
                 raise ValueError(
                     f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
                     f"{exc.start + 1}); is this a JSON Lines file?"

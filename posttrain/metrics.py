@@ -14,13 +14,15 @@ read). Lines are flushed as they are written, so the file can be followed live.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -206,6 +208,8 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
 
 
 BAR_KEYS = ("loss", "eval_loss", "lr", "tokens_per_s")
+# Off a terminal, status lines (evaluation progress) are printed at most this often.
+STATUS_EVERY_S = 10.0
 
 
 class ProgressReporter:
@@ -221,6 +225,7 @@ class ProgressReporter:
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stdout
         self._start = time.monotonic()
+        self._last_status = self._start
         self._progress: Any = None
         self._task: Any = None
         if not enabled:
@@ -266,6 +271,19 @@ class ProgressReporter:
             line = f"step {step}/{self.total_steps} | {format_metrics(metrics)} | {elapsed:.0f}s"
             print(line, file=self.stream, flush=True)
 
+    def status(self, text: str) -> None:
+        """Show what the run is doing between steps (e.g. "eval 40/1319"): beside the bar
+        on a terminal, else a plain line at most every `STATUS_EVERY_S` seconds."""
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.update(self._task, info=text)
+            return
+        now = time.monotonic()
+        if now - self._last_status >= STATUS_EVERY_S:
+            self._last_status = now
+            print(text, file=self.stream, flush=True)
+
     def close(self) -> None:
         """Stop the bar, leaving its last state on screen."""
         if self._progress is not None:
@@ -282,12 +300,30 @@ class ProgressReporter:
 # --------------------------------------------------------------------------- plot
 
 
+@contextlib.contextmanager
+def quiet_font_cache() -> Iterator[None]:
+    """Wrap the first import of matplotlib: hush its font-cache messages.
+
+    In a fresh environment that import builds the font cache and logs "generated new
+    fontManager" (and, after 5 s, "Matplotlib is building the font cache"), which the
+    CLI's INFO logging would print into the middle of a run's output.
+    """
+    font_logger = logging.getLogger("matplotlib.font_manager")
+    level = font_logger.level
+    font_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        font_logger.setLevel(level)
+
+
 def plot_metrics(
     metrics_jsonl_path: str | os.PathLike[str], png_path: str | os.PathLike[str]
 ) -> Path:
     """Plot train loss (and eval loss, if any) over steps, with lr below; return the PNG path."""
     # Figure without pyplot: no global state and no GUI backend, safe in any process.
-    from matplotlib.figure import Figure
+    with quiet_font_cache():
+        from matplotlib.figure import Figure
 
     records = read_metrics(metrics_jsonl_path)
     train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]

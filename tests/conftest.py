@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from helpers import reverse_task, write_jsonl
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from posttrain.offline import build_qwen_tokenizer, tiny_causal_lm, train_bpe_tokenizer
@@ -56,3 +59,15 @@ def tiny_qwen2(nobos_tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     return tiny_causal_lm(
         "qwen2", vocab_size=len(nobos_tokenizer), hidden_size=32, tie_word_embeddings=True, seed=1
     )
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory, llama_tokenizer) -> Path:
+    """A saved tiny Llama + tokenizer, and train/eval files."""
+    root = tmp_path_factory.mktemp("training")
+    model = tiny_causal_lm("llama", vocab_size=len(llama_tokenizer), hidden_size=32, seed=3)
+    model.save_pretrained(root / "model")
+    llama_tokenizer.save_pretrained(root / "model")
+    write_jsonl(root / "train.jsonl", reverse_task(48, seed=0))
+    write_jsonl(root / "eval.jsonl", reverse_task(12, seed=1))
+    return root

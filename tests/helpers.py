@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain.config import SFTConfig
 from posttrain.data.records import DataFormat
 
 
@@ -91,3 +92,22 @@ def grads_of(loss: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Te
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
+
+
+def make_config(workdir: Path, out: Path, **overrides) -> SFTConfig:
+    values = {
+        "model": str(workdir / "model"),
+        "train_file": str(workdir / "train.jsonl"),
+        "output_dir": str(out),
+        "micro_batch_size": 4,
+        "grad_accum_steps": 2,
+        "max_steps": 6,
+        "lr": 3e-3,
+        "warmup_steps": 1,
+        "seed": 0,
+        "num_threads": 1,
+        "progress": False,
+        "precision": "fp32",
+    }
+    values.update(overrides)
+    return SFTConfig(**values)

@@ -258,3 +258,28 @@ def test_final_model_is_written_atomically(
     assert not (final / "tokenizer.json").exists()
     reloaded = copy.deepcopy(tiny_llama)
     ckpt.load_model_weights(reloaded, final)
+
+
+def test_model_dir_without_tokenizer_files_is_named(
+    tmp_path: Path,
+    tiny_llama: PreTrainedModel,
+    tiny_qwen2: PreTrainedModel,
+    nobos_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    # From a Qwen2 config.json alone transformers builds a tokenizer of one special token
+    # (training then died on a 0-element reshape); from a Llama one it fails obscurely.
+    for name, model in (("qwen2", tiny_qwen2), ("llama", tiny_llama)):
+        model.save_pretrained(tmp_path / name)
+        for load in (ckpt.load_pretrained, ckpt.load_tokenizer):
+            with pytest.raises(ValueError, match=rf"^{tmp_path / name} has no tokenizer files"):
+                load(tmp_path / name)
+    # Tokenizer files that name a class but hold no vocabulary.
+    nobos_tokenizer.save_pretrained(tmp_path / "qwen2")
+    (tmp_path / "qwen2" / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="has no tokenizer files"):
+        ckpt.load_pretrained(tmp_path / "qwen2")
+    nobos_tokenizer.save_pretrained(tmp_path / "qwen2")
+    model, tokenizer = ckpt.load_pretrained(tmp_path / "qwen2")
+    text = "Hello, world!"
+    assert tokenizer(text)["input_ids"] == nobos_tokenizer(text)["input_ids"]
+    assert model.config.vocab_size == tiny_qwen2.config.vocab_size

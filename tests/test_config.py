@@ -14,6 +14,7 @@ from posttrain.config import (
     config_from_args,
     config_from_dict,
     config_to_dict,
+    key_hint,
     load_config,
     save_config,
 )
@@ -236,3 +237,84 @@ def test_renamed_key_still_works_with_a_deprecation_message(
 
 def _required_flags() -> list[str]:
     return ["--model", REQUIRED["model"], "--train-file", REQUIRED["train_file"]]
+
+
+@pytest.mark.parametrize(
+    ("key", "pattern"),
+    [
+        ("learning_rate", r"unknown config key 'learning_rate': posttrain calls it 'lr'"),
+        ("per_device_train_batch_size", r"posttrain calls it 'micro_batch_size'"),
+        ("gradient_accumulation_steps", r"posttrain calls it 'grad_accum_steps'"),
+        ("num_train_epochs", r"posttrain calls it 'epochs'"),
+        ("max_length", r"posttrain calls it 'max_seq_len'"),
+        ("max_seq_length", r"posttrain calls it 'max_seq_len'"),
+        ("lr_scheduler_type", r"posttrain calls it 'lr_scheduler'"),
+        ("logging_steps", r"posttrain calls it 'log_every'"),
+        ("save_steps", r"posttrain calls it 'save_every'"),
+        ("eval_steps", r"posttrain calls it 'eval_every'"),
+        ("warmup_ratio", r"posttrain has no warmup ratio: set 'warmup_steps'"),
+        ("bf16", r"posttrain sets it with 'precision': bf16"),
+        ("lerning_rate", r"did you mean 'lr'\?"),  # a near miss of a Hugging Face name
+    ],
+)
+def test_hugging_face_names_get_the_posttrain_name(key: str, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        config_from_dict({**REQUIRED, key: 1})
+
+
+def test_hugging_face_names_in_a_yaml_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model: m\ntrain_file: t\nlearning_rate: 1.0e-4\n")
+    with pytest.raises(
+        ValueError, match=r"'learning_rate' in .*run\.yaml: posttrain calls it 'lr'"
+    ):
+        _resolve(["--config", str(path)])
+
+
+def test_key_hint_only_suggests_known_names() -> None:
+    assert key_hint("--micro-batch", as_flag=True) == "did you mean --micro-batch-size?"
+    assert key_hint("learning-rate", as_flag=True) == "posttrain calls it --lr"
+    # A command without --lr gets no Hugging Face hint pointing at it.
+    assert key_hint("learning_rate", known={"seed", "model"}) is None
+    assert key_hint("zzz") is None
+
+
+INSPECT_LIKE = {"config", "model", "train_file", "max_seq_len", "micro_batch_size"}
+
+
+def _subset_parser() -> argparse.ArgumentParser:
+    return add_config_arguments(argparse.ArgumentParser(prog="p"), only=INSPECT_LIKE)
+
+
+def test_only_shows_a_subset_and_ignores_the_other_settings(tmp_path: Path) -> None:
+    text = _subset_parser().format_help()
+    assert "--max-seq-len" in text and "--micro-batch-size" in text and "--config" in text
+    assert "--lr" not in text and "--save-every" not in text and "--resume" not in text
+    # An sft file: keys outside the subset are ignored, even values sft would refuse.
+    path = _write(
+        tmp_path,
+        "model: m\ntrain_file: t\nmax_seq_len: 64\nlr: -1\nsave_every: 5\neval_every: 3\n"
+        "resume: true\noverwrite: true\nlogprob_chunk_size: 8\n",
+    )
+    args = _subset_parser().parse_args(["--config", str(path), "--lr", "5", "--save-every", "2"])
+    cfg = config_from_args(args, only=INSPECT_LIKE)
+    assert (cfg.max_seq_len, cfg.lr, cfg.save_every, cfg.resume) == (64, 2e-5, 0, False)
+    # Unknown keys and bad values of the settings it uses are still errors.
+    with pytest.raises(ValueError, match="unknown config key 'learning_rate'"):
+        config_from_args(
+            _subset_parser().parse_args(["--config", str(_write(tmp_path, "learning_rate: 1\n"))]),
+            only=INSPECT_LIKE,
+        )
+    with pytest.raises(ValueError, match="max_seq_len must be >= 1"):
+        config_from_args(
+            _subset_parser().parse_args([*_required_flags(), "--max-seq-len", "0"]),
+            only=INSPECT_LIKE,
+        )
+    with pytest.raises(ValueError, match="not SFTConfig fields"):
+        add_config_arguments(argparse.ArgumentParser(), only={"model", "mdoel"})
+
+
+def test_resume_flag_forms_still_work() -> None:
+    assert _resolve([*_required_flags(), "--resume"]).resume is True
+    cfg = _resolve([*_required_flags(), "--resume", "runs/x/checkpoints/step-000010"])
+    assert cfg.resume is True and cfg.resume_from == "runs/x/checkpoints/step-000010"
+    assert _resolve([*_required_flags(), "--resume", "--no-resume"]).resume is False

@@ -33,9 +33,12 @@ LAYERS: dict[str, int] = {
     "posttrain.config": 3,
     "posttrain.checkpoints": 3,
     "posttrain.data_report": 3,
+    "posttrain.resume": 3,
+    "posttrain.interrupts": 3,
     "posttrain.generation": 4,
     "posttrain.evaluation": 4,
     "posttrain.training": 4,
+    "posttrain.run_state": 4,
     "posttrain.demo": 5,
     "posttrain.cli": 6,
     "posttrain": 7,  # the package's __init__: the public API re-exports
@@ -56,8 +59,11 @@ def modules() -> dict[str, Path]:
 
 def layer_of(name: str) -> int:
     """The layer of the longest LAYERS key that is `name` or a package above it."""
+    if name in LAYERS:
+        return LAYERS[name]
     parts = name.split(".")
-    for n in range(len(parts), 0, -1):
+    # Down to "posttrain.x": the bare package key holds only its __init__.
+    for n in range(len(parts), 1, -1):
         key = ".".join(parts[:n])
         if key in LAYERS:
             return LAYERS[key]

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import reverse_task, write_jsonl
+from helpers import make_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,46 +25,15 @@ from posttrain.config import SFTConfig
 from posttrain.data.batching import collate, plan_batches, rank_micro_batches
 from posttrain.data.tokenized import load_dataset_for_training
 from posttrain.distributed import DistInfo
+from posttrain.loss import ResponseLoss
 from posttrain.offline import tiny_causal_lm
 from posttrain.training import (
-    ResponseLoss,
     TrainingError,
     accumulate_gradients,
     train,
 )
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, llama_tokenizer) -> Path:
-    """A saved tiny Llama + tokenizer, and train/eval files."""
-    root = tmp_path_factory.mktemp("training")
-    model = tiny_causal_lm("llama", vocab_size=len(llama_tokenizer), hidden_size=32, seed=3)
-    model.save_pretrained(root / "model")
-    llama_tokenizer.save_pretrained(root / "model")
-    write_jsonl(root / "train.jsonl", reverse_task(48, seed=0))
-    write_jsonl(root / "eval.jsonl", reverse_task(12, seed=1))
-    return root
-
-
-def make_config(workdir: Path, out: Path, **overrides) -> SFTConfig:
-    values = {
-        "model": str(workdir / "model"),
-        "train_file": str(workdir / "train.jsonl"),
-        "output_dir": str(out),
-        "micro_batch_size": 4,
-        "grad_accum_steps": 2,
-        "max_steps": 6,
-        "lr": 3e-3,
-        "warmup_steps": 1,
-        "seed": 0,
-        "num_threads": 1,
-        "progress": False,
-        "precision": "fp32",
-    }
-    values.update(overrides)
-    return SFTConfig(**values)
 
 
 def step_gradients(model, config: SFTConfig, examples, pad_id: int) -> dict[str, torch.Tensor]:
@@ -360,3 +329,40 @@ def test_bf16_autocast_run(workdir, tmp_path) -> None:
     losses = [json.loads(x)["loss"] for x in result.metrics_path.read_text().splitlines()]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
+
+
+def test_glued_prompts_and_responses_are_warned_about_at_start(workdir, tmp_path, caplog) -> None:
+    # "Answer: " + "42" is trained as " " then "42" but reads as " 42" at inference.
+    rows = [{"prompt": f"Question: What is {i} + 30? Answer: ", "response": "42"} for i in range(8)]
+    data = tmp_path / "glued.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = make_config(workdir, tmp_path / "run", train_file=str(data), max_steps=1)
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        train(config)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("8 of 8" in w and f"{data}:1" in w for w in warnings), warnings
+
+
+def test_eval_file_alone_is_used_at_the_end_and_announced(
+    workdir, tmp_path, caplog, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr("posttrain.metrics.STATUS_EVERY_S", 0.0)
+    eval_file = workdir / "eval.jsonl"
+    config = make_config(
+        workdir, tmp_path / "run", max_steps=3, eval_file=str(eval_file), eval_limit=5
+    )
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        train(SFTConfig(**{**config.__dict__, "progress": True}))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"evaluation: response-token loss on 5 examples of {eval_file}, at the end" in said
+    assert "eval 5/5" in capsys.readouterr().out  # progress while evaluating
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3]
+
+    # --eval-limit N is the first N examples, the same every time.
+    first_five = tmp_path / "first_five.jsonl"
+    first_five.write_text("".join(eval_file.read_text().splitlines(True)[:5]))
+    train(make_config(workdir, tmp_path / "five", max_steps=3, eval_file=str(first_five)))
+    five = [json.loads(x) for x in (tmp_path / "five" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in five if "eval_loss" in r] == evals

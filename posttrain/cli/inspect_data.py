@@ -2,7 +2,8 @@
 
 Takes the same config file and flags as `posttrain sft` (the model is used only for its
 tokenizer) and prints data set statistics and the first examples token by token,
-coloured by role (prompt, trained response, EOS, padding).
+coloured by role (prompt, trained response, EOS, padding). Settings that only matter to
+training (lr, save_every, ...) are accepted and ignored, and left out of `--help`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,30 @@ from pathlib import Path
 
 from posttrain.config import add_config_arguments, config_from_args
 
+# The settings that change what inspect shows: the data, how it is tokenized, and the
+# batch geometry and seed that decide the padding of an epoch.
+INSPECT_SETTINGS = frozenset(
+    {
+        "config",
+        "model",
+        "train_file",
+        "eval_file",
+        "prompt_field",
+        "response_field",
+        "messages_field",
+        "max_seq_len",
+        "truncation",
+        "append_eos",
+        "micro_batch_size",
+        "grad_accum_steps",
+        "seed",
+        "group_by_length",
+    }
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, only=INSPECT_SETTINGS)
     group = parser.add_argument_group("inspect")
     group.add_argument(
         "--num-examples",
@@ -71,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_examples < 0:
         raise ValueError(f"--num-examples must be >= 0, got {args.num_examples}")
-    config = config_from_args(args)
+    config = config_from_args(args, only=INSPECT_SETTINGS)
     data_path = config.eval_file if args.eval else config.train_file
     if data_path is None:
         raise ValueError("--eval given but no eval_file is set")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
+import sys
 
 from posttrain.cli.common import env_rank
 from posttrain.config import add_config_arguments, config_from_args
@@ -12,12 +15,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    from posttrain.training import train
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments plus --resume."""
+    args = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite")]
+    return shlex.join(["posttrain", "sft", *args, "--resume"])
 
-    result = train(config_from_args(args))
+
+def run(args: argparse.Namespace) -> int:
+    from posttrain.training import TrainingInterrupted, train
+
+    try:
+        result = train(config_from_args(args))
+    except TrainingInterrupted as stop:
+        if env_rank() == 0:
+            name = signal.Signals(stop.signum).name
+            argv = sys.argv[sys.argv.index("sft") + 1 :] if "sft" in sys.argv else []
+            print(
+                f"posttrain sft: stopped by {name} after step {stop.step}; checkpoint "
+                f"{stop.checkpoint}\n  resume with: {resume_command(argv)}",
+                file=sys.stderr,
+            )
+        return 128 + stop.signum
     if env_rank() != 0:
         return 0  # under torchrun, rank 0 speaks for the run
+    if result.already_finished:
+        print(
+            f"{result.final_model_dir.parent} is already finished ({result.steps} steps): "
+            f"nothing to do\n  model:   {result.final_model_dir}"
+        )
+        return 0
     print(
         f"done: {result.steps} steps in {result.train_seconds:.1f}s, final loss "
         f"{result.final_loss:.4f}\n  model:   {result.final_model_dir}\n"

@@ -1,16 +1,11 @@
-"""The `posttrain sft` configuration: one typed dataclass, filled from YAML and CLI flags.
+"""`SFTConfig`, the settings of a run: types, checks, and their YAML form.
 
-`SFTConfig` is the single source of truth for a run. Its fields (with their help
-strings) generate the command-line flags, every value read from a YAML file or a
-flag goes through the same type checks and range checks, and the resolved config is
-saved next to every checkpoint so that a run can be reproduced and resumed.
-
-Precedence: dataclass defaults < YAML file (`--config FILE`) < explicit CLI flags.
+Every value, from a YAML file, a flag (`posttrain.config.args`) or code, goes through the
+same type checks and range checks; unknown keys are rejected with the name to use.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import logging
@@ -18,6 +13,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -136,6 +132,33 @@ class SFTConfig:
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(SFTConfig)}
 # Old key -> new key: still accepted, with a deprecation message.
 RENAMED = {"logprob_chunk_size": "loss_chunk_size"}
+# Hugging Face (TrainingArguments, TRL) name -> posttrain's: people bring these from
+# their old configs, and a spelling suggestion would not find 'lr' from 'learning_rate'.
+HF_NAMES: dict[str, str] = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "num_train_epochs": "epochs",
+    "max_length": "max_seq_len",
+    "max_seq_length": "max_seq_len",
+    "lr_scheduler_type": "lr_scheduler",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "save_total_limit": "keep_last",
+    "adam_epsilon": "adam_eps",
+    "overwrite_output_dir": "overwrite",
+    "resume_from_checkpoint": "resume",  # which takes true or a checkpoint path
+    "warmup_ratio": "warmup_steps",
+    "bf16": "precision",
+    "fp16": "precision",
+}
+# Where the posttrain setting is not the same thing under another name.
+_HF_NOTES: dict[str, str] = {
+    "warmup_ratio": "posttrain has no warmup ratio: set {}, a number of optimizer steps",
+    "bf16": "posttrain sets it with {}: bf16, fp32 or auto (bf16 where supported, the default)",
+    "fp16": "posttrain has no fp16: set {} to bf16, fp32 or auto",
+}
 REQUIRED_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["required"])
 # Resolved once: with `from __future__ import annotations` the annotations are strings.
 _TYPES: dict[str, Any] = typing.get_type_hints(SFTConfig)
@@ -243,6 +266,10 @@ def _coerce(name: str, value: Any) -> Any:
 # --------------------------------------------------------------------------- validation
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _renamed(values: dict[str, Any], source: str | None = None) -> dict[str, Any]:
     """`values` with deprecated keys moved to their new names (each said once)."""
     out = dict(values)
@@ -265,18 +292,34 @@ def _resume_path(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def key_hint(
+    key: str, known: Collection[str] = FIELDS.keys(), *, as_flag: bool = False
+) -> str | None:
+    """What to tell someone who wrote the unknown setting `key` (a YAML key or a flag).
+
+    A Hugging Face name gets the posttrain name for it; anything else the closest of
+    `known`, where a near miss of a Hugging Face name counts as its posttrain name
+    (`lerning_rate` -> `lr`). None when nothing is close. Names are shown as flags
+    (`--lr`) when `as_flag`, else as keys (`'lr'`).
+    """
+    show = _flag if as_flag else repr
+    key = key.lstrip("-").replace("-", "_").lower()
+    hf_names = {old: new for old, new in HF_NAMES.items() if new in known}
+    if key in hf_names:
+        return _HF_NOTES.get(key, "posttrain calls it {}").format(show(hf_names[key]))
+    guess = difflib.get_close_matches(key, [*known, *hf_names], n=1, cutoff=0.6)
+    return f"did you mean {show(hf_names.get(guess[0], guess[0]))}?" if guess else None
+
+
 def _check_unknown(keys: typing.Iterable[str], source: str | None = None) -> None:
     where = f" in {source}" if source else ""
     for key in keys:
         if key in FIELDS or key in RENAMED:
             continue
-        key_str = str(key)
-        guess = difflib.get_close_matches(
-            key_str.replace("-", "_").lower(), list(FIELDS), n=1, cutoff=0.6
-        )
-        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        hint = key_hint(str(key))
         raise ValueError(
-            f"unknown config key {key_str!r}{where}{hint} (see `posttrain sft --help`)"
+            f"unknown config key {str(key)!r}{where}{f': {hint}' if hint else ''} "
+            "(see `posttrain sft --help`)"
         )
 
 
@@ -385,98 +428,3 @@ def save_config(cfg: SFTConfig, path: str | os.PathLike[str]) -> Path:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
-
-
-# --------------------------------------------------------------------------- argparse
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _arg_type(name: str) -> typing.Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return _coerce(name, text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = _type_name(_TYPES[name])  # argparse shows this in its errors
-    return convert
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add `--config FILE` and one flag per `SFTConfig` field to `parser`.
-
-    Flags default to "not given" (they are absent from the parsed namespace), so that
-    only the flags actually passed override the YAML file. Booleans get
-    `--flag/--no-flag`, Literals get choices, optional numbers accept `none`.
-    """
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        default=None,
-        help="YAML file of settings (keys as below, with underscores); flags override it "
-        "(default: none)",
-    )
-    group = parser.add_argument_group("training settings (also valid as YAML keys)")
-    for name, f in FIELDS.items():
-        tp = _TYPES[name]
-        base, optional = _unwrap_optional(tp)
-        if f.metadata["required"]:
-            default_text = "required"
-        else:
-            default_text = "default: " + ("none" if f.default is None else str(f.default))
-        # '%' would be read as a format specifier by argparse's help formatter.
-        help_text = f"{f.metadata['help']} ({default_text})".replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if name == "resume":
-            # `--resume` alone: the latest checkpoint; `--resume PATH`: that checkpoint.
-            kwargs.update(nargs="?", const="true", metavar="PATH")
-            group.add_argument(
-                "--no-resume",
-                dest=name,
-                action="store_const",
-                const="false",
-                default=argparse.SUPPRESS,
-                help=argparse.SUPPRESS,
-            )
-        elif base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is Literal:
-            kwargs["choices"] = list(typing.get_args(base))
-        else:
-            kwargs["type"] = _arg_type(name)
-            kwargs["metavar"] = ("N" if base is int else "X" if base is float else "STR") + (
-                "|none" if optional else ""
-            )
-        group.add_argument(_flag(name), **kwargs)
-    for old, new in RENAMED.items():
-        group.add_argument(
-            _flag(old),
-            dest=old,
-            default=argparse.SUPPRESS,
-            type=_arg_type(new),
-            help=argparse.SUPPRESS,
-        )
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> SFTConfig:
-    """Resolve the config: YAML file (if `--config`) overridden by the flags given."""
-    values: dict[str, Any] = {}
-    source = getattr(args, "config", None)
-    if source:
-        values = load_config(source)
-        _check_unknown(values, str(source))
-        values = _resume_path(_renamed(values, str(source)))
-        # Type errors in the file are reported with its name; once flags are merged
-        # in, a bad value could come from either, so later errors name only the field.
-        for name, value in values.items():
-            try:
-                values[name] = _coerce(name, value)
-            except ValueError as exc:
-                raise ValueError(f"{source}: {exc}") from None
-    flags = {name: getattr(args, name) for name in (*FIELDS, *RENAMED) if hasattr(args, name)}
-    values.update(_resume_path(_renamed(flags)))
-    return SFTConfig(**values)

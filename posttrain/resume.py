@@ -1,0 +1,155 @@
+"""Deciding what `--resume` does: which checkpoint, whether the run is already finished,
+and whether the settings changed in a way that breaks an exact resume."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from posttrain.checkpoints import (
+    final_step,
+    is_complete,
+    latest_checkpoint,
+    load_checkpoint_config,
+    load_trainer_state,
+)
+from posttrain.config import config_to_dict
+from posttrain.distributed import config_differences
+
+logger = logging.getLogger("posttrain")
+
+# Settings whose change makes the resumed run differ from an uninterrupted one in what it
+# trains on or in which order: refused unless resume_with_changes. The batch geometry is
+# checked as the global batch (micro x accumulation x ranks), so a run checkpointed on N
+# ranks resumes exactly on M with the micro-batch scaled to match.
+BREAKS_EXACT_RESUME = (
+    "model",
+    "train_file",
+    "seed",
+    "group_by_length",
+    "max_seq_len",
+    "truncation",
+    "append_eos",
+    "prompt_field",
+    "response_field",
+    "messages_field",
+    "loss_normalization",
+)
+# Settings that say how to run, not what to train: never reported as changes.
+HOW_TO_RUN = (
+    "resume",
+    "resume_from",
+    "resume_with_changes",
+    "overwrite",
+    "progress",
+    "num_threads",
+    "output_dir",
+)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: `checkpoint` None is step 0; `finished` means nothing to do."""
+
+    checkpoint: Path | None
+    finished: bool = False
+
+
+def data_fingerprint(token_ids: Sequence[Sequence[int]]) -> str:
+    """A short hash of the tokenized training set (ids and example boundaries)."""
+    digest = hashlib.sha256()
+    digest.update(np.asarray([len(ids) for ids in token_ids], dtype=np.int64).tobytes())
+    for ids in token_ids:
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def find_resume_point(
+    out: Path,
+    *,
+    resume: bool,
+    resume_from: str | None,
+    total_steps: int,
+) -> ResumePoint:
+    """The checkpoint to resume from, after the checks that keep a run safe.
+
+    A finished run (OUTPUT_DIR/final records its step count) resumed with the same step
+    count is finished: nothing to do. Asking for fewer steps than the checkpoint (or the
+    finished run) has is an error, as is asking for more steps of a finished run (its
+    last step has no optimizer state to continue from); neither changes anything.
+    """
+    if not resume:
+        return ResumePoint(None)
+    finished_at = final_step(out) if resume_from is None else None
+    if finished_at is not None:
+        if total_steps == finished_at:
+            return ResumePoint(None, finished=True)
+        if total_steps < finished_at:
+            raise ValueError(
+                f"{out} holds a run finished at step {finished_at}; max_steps {total_steps} "
+                "is below that. Nothing was changed"
+            )
+        raise ValueError(
+            f"{out} holds a run finished at step {finished_at}, and its last step keeps no "
+            f"optimizer state to continue to step {total_steps} exactly. Start a new run "
+            f"from its model instead (--model {out / 'final'} --output-dir NEW_DIR)"
+        )
+    if resume_from is not None:
+        checkpoint = Path(resume_from)
+        if not is_complete(checkpoint):
+            raise ValueError(
+                f"--resume {checkpoint}: not a complete checkpoint directory (expected "
+                f"OUTPUT_DIR/checkpoints/step-NNNNNN with a COMPLETE marker)"
+            )
+    else:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            logger.info("--resume: no complete checkpoint in %s, starting from step 0", out)
+            return ResumePoint(None)
+    step = int(load_trainer_state(checkpoint)["step"])
+    if step > total_steps:
+        raise ValueError(
+            f"the checkpoint {checkpoint} is at step {step}, past max_steps {total_steps}; "
+            "nothing was changed. Pass a max_steps of at least that"
+        )
+    return ResumePoint(checkpoint)
+
+
+def check_resume_settings(
+    checkpoint: Path,
+    config: Any,
+    fingerprint: str,
+    world_size: int,
+) -> None:
+    """Log what changed since the checkpoint; refuse changes that break an exact resume
+    (the global batch, and a changed training set too) unless `config.resume_with_changes`."""
+    saved = config_to_dict(load_checkpoint_config(checkpoint))
+    current = config_to_dict(config)
+    changed = [key for key in current if key not in HOW_TO_RUN and saved.get(key) != current[key]]
+    if changed:
+        lines = config_differences(
+            {k: saved.get(k) for k in changed}, {k: current[k] for k in changed}
+        )
+        logger.info("resuming with changed settings: %s", "; ".join(lines))
+    breaking = [key for key in changed if key in BREAKS_EXACT_RESUME]
+    extra = load_trainer_state(checkpoint).get("extra", {})
+    extra = extra if isinstance(extra, Mapping) else {}
+    saved_batch = saved["micro_batch_size"] * saved["grad_accum_steps"] * extra.get("world_size", 1)
+    batch = config.micro_batch_size * config.grad_accum_steps * world_size
+    if saved_batch != batch:
+        breaking.append(f"the global batch ({saved_batch} -> {batch} examples per step)")
+    saved_fp = extra.get("data_fingerprint")
+    if saved_fp is not None and saved_fp != fingerprint:
+        breaking.append("the training data (its tokens differ from the checkpoint's)")
+    if breaking and not config.resume_with_changes:
+        raise ValueError(
+            f"cannot resume {checkpoint} exactly: changed {', '.join(breaking)}. Undo the "
+            "change, or pass --resume-with-changes to continue anyway (the run will not "
+            "match an uninterrupted one)"
+        )

@@ -1,0 +1,63 @@
+"""SIGINT and SIGTERM stop a run after the current step, with a checkpoint to resume from
+that leads to the same final weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import make_config
+from safetensors.torch import load_file
+
+from posttrain.training import train
+
+SETTINGS = {"max_steps": 40, "micro_batch_size": 8, "grad_accum_steps": 1, "save_every": 0}
+
+
+def logged_steps(path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_resumes_exactly(workdir, tmp_path, signum) -> None:
+    straight = tmp_path / "straight"
+    train(make_config(workdir, straight, **SETTINGS))
+
+    out = tmp_path / "stopped"
+    config = make_config(workdir, out, **SETTINGS)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")
+    cmd = [sys.executable, "-m", "posttrain", "sft", "--config", str(cfg_file)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while logged_steps(out / "metrics.jsonl") < 3:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    assert f"stopped by {signal.Signals(signum).name} after step" in err
+    assert "resume with: posttrain sft --config" in err and err.rstrip().endswith("--resume")
+    assert not (out / "final").exists()
+    assert any((out / "checkpoints").iterdir())
+
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    want = load_file(straight / "final" / "model.safetensors")
+    got = load_file(out / "final" / "model.safetensors")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
