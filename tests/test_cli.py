@@ -179,3 +179,14 @@ def test_first_matplotlib_import_prints_nothing(tmp_path: Path) -> None:
     assert result.stderr == ""
     assert (tmp_path / "metrics.png").is_file()
     assert any((tmp_path / "mplconfig").iterdir())  # the cache was built in this run
+
+
+def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys) -> None:
+    import posttrain.cli.inspect_data as inspect_data
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect_data, "run", interrupted)
+    assert main(["inspect", "--model", "m", "--train-file", "t"]) == 130
+    assert capsys.readouterr().err == "posttrain inspect: interrupted\n"

@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"posttrain.cli.{SUBCOMMANDS[args.command][0]}")
     try:
         return module.run(args)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a training loop (loading, tokenizing, generating): nothing to save.
+        print(f"posttrain {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         # User errors (bad data, config, paths, a diverged run) are reported in one
         # line; anything else is a bug and keeps its traceback. POSTTRAIN_TRACEBACK=1
