@@ -40,6 +40,10 @@ BREAKS_EXACT_RESUME = (
     "response_field",
     "messages_field",
     "loss_normalization",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
 )
 # Settings that say how to run, not what to train: never reported as changes.
 HOW_TO_RUN = (

@@ -83,11 +83,43 @@ class SFTConfig:
     )
     head_matmul_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the LM-head matmul")
     group_by_length: bool = _f(True, "batch examples of similar length to reduce padding")
+    # --- LoRA (needs `pip install 'posttrain[lora]'`)
+    lora_r: int = _f(0, "LoRA rank (0: full fine-tuning)")
+    lora_alpha: float | None = _f(None, "LoRA scaling alpha (none: 2 x lora_r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA path")
+    lora_target_modules: str = _f(
+        "all-linear", "layers that get adapters: all-linear, or names such as q_proj,v_proj"
+    )
+    merge_lora: bool = _f(True, "also save a merged full model in final/")
     # --- logging, evaluation, checkpoints
     log_every: int = _f(1, "log metrics every N optimizer steps")
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end, when eval_file is set)")
     eval_limit: int | None = _f(
         None, "evaluate on the first N examples of eval_file only (none: all of them)"
+    )
+    eval_generate_file: str | None = _f(
+        None, "prompts with gold answers: generate, score with --reward, log accuracy"
+    )
+    eval_generate_every: int = _f(
+        0, "generation evaluation every N steps (0: only at the end, when its file is set)"
+    )
+    eval_generate_limit: int | None = _f(
+        256, "generate for the first N prompts of eval_generate_file (none: all)"
+    )
+    eval_max_new_tokens: int = _f(512, "new tokens per answer in generation evaluation")
+    reward: str | None = _f(
+        None,
+        "reward for generation evaluation: gsm8k, math, r1_zero, mmlu, exact, or "
+        "path/file.py:function / package.module:function",
+    )
+    eval_prompt_field: str | None = _f(
+        None, "prompt field of eval_generate_file (none: prompt_field)"
+    )
+    eval_answer_field: str | None = _f(
+        None, "gold-answer field of eval_generate_file (none: response_field)"
+    )
+    eval_prompt_template: str | None = _f(
+        None, "template for eval prompts: r1_zero, question_only or a file with {question}"
     )
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)")
     keep_last: int = _f(2, "number of most recent checkpoints to keep")
@@ -336,10 +368,24 @@ def _validate(cfg: SFTConfig) -> None:
         need(bool(getattr(cfg, name)), name, "must not be empty")
     for name in ("max_seq_len", "micro_batch_size", "grad_accum_steps", "log_every", "keep_last"):
         need(getattr(cfg, name) >= 1, name, "must be >= 1")
-    for name in ("max_steps", "loss_chunk_size", "num_threads", "eval_limit"):
+    for name in (
+        "max_steps",
+        "loss_chunk_size",
+        "num_threads",
+        "eval_limit",
+        "eval_generate_limit",
+    ):
         value = getattr(cfg, name)
         need(value is None or value >= 1, name, "must be >= 1 (or none)")
-    for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm"):
+    for name in (
+        "warmup_steps",
+        "eval_every",
+        "eval_generate_every",
+        "save_every",
+        "weight_decay",
+        "max_grad_norm",
+        "lora_r",
+    ):
         need(getattr(cfg, name) >= 0, name, "must be >= 0")
     need(cfg.epochs > 0, "epochs", "must be > 0")
     need(cfg.lr > 0, "lr", "must be > 0")
@@ -351,6 +397,19 @@ def _validate(cfg: SFTConfig) -> None:
     need(0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)")
     if cfg.eval_every > 0 and cfg.eval_file is None:
         raise ValueError(f"eval_every is {cfg.eval_every} but no eval_file is set")
+    need(cfg.eval_max_new_tokens >= 1, "eval_max_new_tokens", "must be >= 1")
+    if cfg.eval_generate_every > 0 and cfg.eval_generate_file is None:
+        raise ValueError(
+            f"eval_generate_every is {cfg.eval_generate_every} but no eval_generate_file is set"
+        )
+    if cfg.eval_generate_file is not None and not cfg.reward:
+        raise ValueError(
+            "eval_generate_file is set but no reward: pass --reward gsm8k (or math, r1_zero, "
+            "mmlu, exact, path/file.py:function)"
+        )
+    need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+    need(cfg.lora_alpha is None or cfg.lora_alpha > 0, "lora_alpha", "must be > 0 (or none)")
+    need(bool(cfg.lora_target_modules.strip()), "lora_target_modules", "must not be empty")
     if cfg.resume_from is not None:
         cfg.resume = True
     if cfg.resume and cfg.overwrite:
