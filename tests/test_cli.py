@@ -190,3 +190,30 @@ def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys) -> None:
     monkeypatch.setattr(inspect_data, "run", interrupted)
     assert main(["inspect", "--model", "m", "--train-file", "t"]) == 130
     assert capsys.readouterr().err == "posttrain inspect: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["sft", "--help"],
+        ["inspect", "--help"],
+        ["generate", "--help"],
+        ["sft", "--model", "no/such/dir", "--train-file", "t.jsonl"],
+        ["sft", "--lr-schedular", "cosine"],
+    ],
+)
+def test_help_and_config_errors_never_import_torch(argv: list[str]) -> None:
+    code = (
+        "import sys\n"
+        "from posttrain.cli.main import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'datasets') "
+        "if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "HEAVY []" in done.stderr, done.stderr

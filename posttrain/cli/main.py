@@ -77,26 +77,33 @@ def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str])
     return message + "".join(f"; {flag}: {hint}" for flag, hint in hints)
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The `posttrain` parser and its subcommand parsers, by name."""
+def build_parser(
+    argv: Sequence[str] = (),
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `posttrain` parser and its subcommand parsers, by name.
+
+    Only the subcommand named in `argv` gets its arguments (its module imported): the
+    top-level help lists the others from `SUBCOMMANDS` alone, so it imports nothing heavy.
+    """
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__)
     parser.add_argument("--version", action="version", version=f"posttrain {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    chosen = next((token for token in argv if token in SUBCOMMANDS), None)
     parsers = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(f"posttrain.cli.{module_name}")
         # No abbreviations: `--micro-batch 4` would silently mean --micro-batch-size, and
         # change meaning the day another flag starting with `--micro-batch` is added.
         parsers[name] = sub.add_parser(
             name, help=help_text, description=help_text, allow_abbrev=False
         )
-        module.add_arguments(parsers[name])
+        if name == chosen:
+            importlib.import_module(f"posttrain.cli.{module_name}").add_arguments(parsers[name])
     return parser, parsers
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, parsers = build_parser()
     argv = join_negative_values(sys.argv[1:] if argv is None else argv)
+    parser, parsers = build_parser(argv)
     args, extras = parser.parse_known_args(argv)
     if extras:
         command_parser = parsers.get(getattr(args, "command", None) or "", parser)

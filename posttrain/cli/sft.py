@@ -6,9 +6,10 @@ import argparse
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 from posttrain.cli.common import env_rank
-from posttrain.config import add_config_arguments, config_from_args
+from posttrain.config import SFTConfig, add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,11 +22,26 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["posttrain", "sft", *args, "--resume"])
 
 
+def check_paths(config: SFTConfig) -> None:
+    """The input paths exist: checked before torch is imported, so a typo costs no wait."""
+    if not Path(config.model).is_dir():
+        raise ValueError(
+            f"model path {config.model!r} does not exist or is not a directory (posttrain "
+            "loads local Hugging Face model directories)"
+        )
+    for name in ("train_file", "eval_file", "eval_generate_file"):
+        path = getattr(config, name)
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"data file not found: {path} (--{name.replace('_', '-')})")
+
+
 def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    check_paths(config)
     from posttrain.training import TrainingInterrupted, train
 
     try:
-        result = train(config_from_args(args))
+        result = train(config)
     except TrainingInterrupted as stop:
         if env_rank() == 0:
             name = signal.Signals(stop.signum).name
