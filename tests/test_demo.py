@@ -7,26 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.cli.main import main
-from posttrain.demo import (
-    MARKER_FILE,
+from posttrain.demo import MARKER_FILE, prepare_output_dir, run_demo, train_char_tokenizer
+from posttrain.demo_task import (
     MAX_LETTERS,
     MIN_LETTERS,
     PROMPT_PREFIX,
     PROMPT_SUFFIX,
     DemoError,
     make_reversal_examples,
-    prepare_output_dir,
     reversal_prompt,
-    run_demo,
-    train_char_tokenizer,
 )
 from posttrain.generation import greedy_generate
 
@@ -146,6 +138,30 @@ def test_short_demo_learns_the_task(demo_run: tuple[Path, dict]) -> None:
     assert len(rows) == NUM_EVAL and set(rows[0]) == {"prompt", "response"}
 
 
+def test_held_out_accuracy_rises_during_training(demo_run: tuple[Path, dict]) -> None:
+    out, summary = demo_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    assert len(curve) >= 10 and curve[-1][0] == SHORT_STEPS
+    assert curve[-1][1] >= curve[0][1] + 0.3, curve
+    # The last point scores the same weights as the summary's "after", in memory.
+    assert curve[-1][1] == pytest.approx(summary["accuracy_after"])
+    assert (out / "generations" / f"step_{SHORT_STEPS:06d}.jsonl").is_file()
+
+
+def test_posttrain_eval_reproduces_the_after_accuracy(
+    demo_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out, summary = demo_run
+    argv = ["eval", "--model", str(out / "final"), "--data", str(out / "eval.jsonl")]
+    argv += ["--reward", "exact", "--answer-field", "response", "--max-new-tokens", "9"]
+    argv += ["--output-dir", str(tmp_path / "eval"), "--device", "cpu"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert result["accuracy"] == pytest.approx(summary["accuracy_after"])
+    assert result["num_prompts"] == NUM_EVAL
+
+
 def test_final_model_loads_with_auto_classes(demo_run: tuple[Path, dict]) -> None:
     out, _ = demo_run
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
@@ -198,28 +214,3 @@ def test_generate_reports_a_missing_model_in_one_line(
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
-
-
-# --------------------------------------------------------------------------- generation
-
-
-def test_batched_greedy_generation_equals_one_prompt_at_a_time(
-    tiny_llama: PreTrainedModel, llama_tokenizer: PreTrainedTokenizerFast
-) -> None:
-    """Llama-style tokenizer (BOS, no pad): batching by length changes nothing."""
-    prompts = ["Hello", "Hello, world!", "The quick brown fox", "Hi", "Question: 12 + 30?"]
-    batched = greedy_generate(tiny_llama, llama_tokenizer, prompts, max_new_tokens=6, batch_size=2)
-    alone = [
-        greedy_generate(tiny_llama, llama_tokenizer, [p], max_new_tokens=6)[0] for p in prompts
-    ]
-    assert batched == alone
-
-    ids = llama_tokenizer(prompts[2])["input_ids"]
-    new_ids: list[int] = []
-    with torch.inference_mode():
-        for _ in range(6):
-            logits = tiny_llama(input_ids=torch.tensor([ids + new_ids])).logits
-            new_ids.append(int(logits[0, -1].argmax()))
-    eos = llama_tokenizer.eos_token_id
-    cut = new_ids.index(eos) if eos in new_ids else len(new_ids)
-    assert batched[2] == llama_tokenizer.decode(new_ids[:cut], skip_special_tokens=True)
