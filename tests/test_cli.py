@@ -199,6 +199,8 @@ def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys) -> None:
         ["sft", "--help"],
         ["inspect", "--help"],
         ["generate", "--help"],
+        ["demo", "--help"],
+        ["eval", "--help"],
         ["sft", "--model", "no/such/dir", "--train-file", "t.jsonl"],
         ["sft", "--lr-schedular", "cosine"],
     ],

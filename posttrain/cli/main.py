@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect_data", "show the data as posttrain sft sees it: tokens, masks, stats"),
     "demo": ("demo", "a complete fine-tuning run on a CPU in minutes, no download: start here"),
     "generate": ("generate", "greedy completion of a prompt by a saved model, stopping at EOS"),
+    "eval": ("eval", "does the model get the answers right? generate, score with a reward"),
 }
 
 # argparse takes `-1` and `-0.5` for values but `-1e-4` (and `-inf`) for an option, so

@@ -17,10 +17,9 @@ from posttrain.config.schema import (
     _flag,
     _renamed,
     _resume_path,
-    _type_name,
-    _unwrap_optional,
     load_config,
 )
+from posttrain.config.values import type_name, unwrap_optional
 
 
 def _arg_type(name: str) -> typing.Callable[[str], Any]:
@@ -30,7 +29,7 @@ def _arg_type(name: str) -> typing.Callable[[str], Any]:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    convert.__name__ = _type_name(_TYPES[name])  # argparse shows this in its errors
+    convert.__name__ = type_name(_TYPES[name])  # argparse shows this in its errors
     return convert
 
 
@@ -80,7 +79,7 @@ def add_config_arguments(
 
 def _add_field_argument(group: argparse._ArgumentGroup, name: str, shown: bool) -> None:
     f = FIELDS[name]
-    base, optional = _unwrap_optional(_TYPES[name])
+    base, optional = unwrap_optional(_TYPES[name])
     if f.metadata["required"]:
         default_text = "required"
     else:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import math
 import os
-import types
 import typing
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from posttrain.config.values import FALSE, TRUE, coerce_value
 from posttrain.data.records import DataFormat
 
 logger = logging.getLogger("posttrain")
@@ -199,100 +198,9 @@ _TYPES: dict[str, Any] = typing.get_type_hints(SFTConfig)
 # --------------------------------------------------------------------------- types
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    """`X | None` -> (X, True); anything else -> (tp, False)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
-    return tp, False
-
-
-def _type_name(tp: Any) -> str:
-    base, optional = _unwrap_optional(tp)
-    if typing.get_origin(base) is Literal:
-        name = " | ".join(repr(a) for a in typing.get_args(base))
-    else:
-        name = base.__name__
-    return f"{name} | None" if optional else name
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-_NONE = {"none", "null", "~"}
-
-
 def _coerce(name: str, value: Any) -> Any:
-    """Check `value` against the type of field `name`, converting the lossless cases.
-
-    Strings are accepted for numbers and booleans because YAML 1.1 reads `2e-5` as a
-    string (it wants `2.0e-5`) and the CLI passes everything as text; bools are never
-    accepted as numbers, since `micro_batch_size: true` is surely a mistake.
-    """
-    tp = _TYPES[name]
-    base, optional = _unwrap_optional(tp)
-
-    def fail(reason: str = "") -> ValueError:
-        got = f"{type(value).__name__} {value!r}"
-        return ValueError(f"{name} must be {_type_name(tp)}, got {got}{reason}")
-
-    if value is None or (optional and isinstance(value, str) and value.lower() in _NONE):
-        if optional:
-            return None
-        raise fail()
-    if typing.get_origin(base) is Literal:
-        choices = typing.get_args(base)
-        if value not in choices:
-            raise ValueError(
-                f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
-            )
-        return value
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise fail()
-    if base is int:
-        if isinstance(value, bool):
-            raise fail()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                try:
-                    value_f = float(value)
-                except ValueError:
-                    raise fail() from None
-                if value_f.is_integer():
-                    return int(value_f)
-                raise fail() from None
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise fail()
-    if base is float:
-        if isinstance(value, bool):
-            raise fail()
-        if isinstance(value, (int, float)):
-            result = float(value)
-        elif isinstance(value, str):
-            try:
-                result = float(value)
-            except ValueError:
-                raise fail() from None
-        else:
-            raise fail()
-        if not math.isfinite(result):
-            raise fail(" (must be finite)")
-        return result
-    if base is str:
-        if isinstance(value, str):
-            return value
-        raise fail()
-    raise TypeError(f"unsupported config field type for {name}: {tp}")  # a bug in SFTConfig
+    """Check `value` against the type of SFTConfig field `name` (see `coerce_value`)."""
+    return coerce_value(name, _TYPES[name], value)
 
 
 # --------------------------------------------------------------------------- validation
@@ -319,7 +227,7 @@ def _renamed(values: dict[str, Any], source: str | None = None) -> dict[str, Any
 def _resume_path(values: dict[str, Any]) -> dict[str, Any]:
     """`resume: PATH` (YAML or `--resume PATH`) -> resume_from=PATH, resume=True."""
     value = values.get("resume")
-    if isinstance(value, str) and value.lower() not in _TRUE | _FALSE:
+    if isinstance(value, str) and value.lower() not in TRUE | FALSE:
         values = {**values, "resume": True, "resume_from": value}
     return values
 

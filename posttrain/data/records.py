@@ -1,7 +1,9 @@
 """Data files -> validated `Record`s: prompt/response pairs or chats.
 
 Formats: JSON Lines, JSON, Parquet, or a directory written by `datasets.save_to_disk`.
-Every user error is a `ValueError` naming the file and line (or row).
+`read_rows` reads any of them as plain rows (for callers that need other fields, such as
+`posttrain eval`); `load_records` validates those rows as training examples. Every user
+error is a `ValueError` naming the file and line (or row).
 """
 
 from __future__ import annotations
@@ -111,11 +113,14 @@ def record_from_row(row: Any, source: str, fmt: DataFormat) -> Record:
     return Record(values[0], values[1], None, source)
 
 
-def _read_jsonl(path: Path, fmt: DataFormat) -> list[Record]:
-    return [record_from_row(row, f"{path}:{lineno}", fmt) for lineno, row in read_jsonl(path)]
+Row = tuple[Any, str]  # (the row as read, its source: "file:line" or "file:row N")
 
 
-def _read_json(path: Path, fmt: DataFormat) -> list[Record]:
+def _read_jsonl(path: Path) -> list[Row]:
+    return [(row, f"{path}:{lineno}") for lineno, row in read_jsonl(path)]
+
+
+def _read_json(path: Path) -> list[Row]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -125,27 +130,27 @@ def _read_json(path: Path, fmt: DataFormat) -> list[Record]:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             # Several JSON values, one per line: JSON Lines with a .json name.
-            return _read_jsonl(path, fmt)
+            return _read_jsonl(path)
         line = text.count("\n", 0, exc.pos) + 1
         raise ValueError(f"{path}:{line}: malformed JSON: {exc.msg}") from None
     if isinstance(data, dict):
-        return [record_from_row(data, f"{path}:row 0", fmt)]
+        return [(data, f"{path}:row 0")]
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a list of objects, got {type(data).__name__}")
-    return [record_from_row(row, f"{path}:row {i}", fmt) for i, row in enumerate(data)]
+    return [(row, f"{path}:row {i}") for i, row in enumerate(data)]
 
 
-def _read_parquet(path: Path, fmt: DataFormat) -> list[Record]:
+def _read_parquet(path: Path) -> list[Row]:
     import pyarrow.parquet as pq
 
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise ValueError(f"{path}: cannot read Parquet file: {exc}") from None
-    return [record_from_row(row, f"{path}:row {i}", fmt) for i, row in enumerate(rows)]
+    return [(row, f"{path}:row {i}") for i, row in enumerate(rows)]
 
 
-def _read_saved_dataset(path: Path, fmt: DataFormat) -> list[Record]:
+def _read_saved_dataset(path: Path) -> list[Row]:
     import datasets
 
     try:
@@ -162,7 +167,32 @@ def _read_saved_dataset(path: Path, fmt: DataFormat) -> list[Record]:
                 f"e.g. {path / next(iter(data))}"
             )
         data = next(iter(data.values()))
-    return [record_from_row(row, f"{path}:row {i}", fmt) for i, row in enumerate(data.to_list())]
+    return [(row, f"{path}:row {i}") for i, row in enumerate(data.to_list())]
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[Row]:
+    """Every row of a data file as read, unvalidated, with its source, in file order.
+
+    Formats as for `load_records`. A row is whatever the file holds (normally a dict of
+    field -> value); the source is "file:line" for JSON Lines, "file:row N" (0-based)
+    for JSON lists, Parquet and datasets. An empty file gives [].
+
+    Raises:
+        ValueError: a missing file, an unsupported format, malformed JSON (file and line).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        return _read_saved_dataset(path)
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise ValueError(f"{path}: unsupported data format {suffix!r}; use {SUPPORTED_FORMATS}")
 
 
 def load_records(path: str | os.PathLike[str], fmt: DataFormat) -> list[Record]:
@@ -180,19 +210,7 @@ def load_records(path: str | os.PathLike[str], fmt: DataFormat) -> list[Record]:
             response, a badly structured messages list, or no examples at all.
     """
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        records = _read_saved_dataset(path, fmt)
-    elif suffix == ".jsonl":
-        records = _read_jsonl(path, fmt)
-    elif suffix == ".json":
-        records = _read_json(path, fmt)
-    elif suffix == ".parquet":
-        records = _read_parquet(path, fmt)
-    else:
-        raise ValueError(f"{path}: unsupported data format {suffix!r}; use {SUPPORTED_FORMATS}")
+    records = [record_from_row(row, source, fmt) for row, source in read_rows(path)]
     if not records:
         raise ValueError(f"data set {path} is empty: it has no examples")
     return records
