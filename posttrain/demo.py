@@ -1,26 +1,19 @@
 """`posttrain demo`: the whole tool, end to end, on a CPU in a few minutes with no download.
 
-It writes a synthetic word-reversal task as JSONL ("Reverse the word: daczsb" ->
-"bszcad"), trains a character-level tokenizer on it, builds a ~0.5M-parameter Llama
-with random weights, fine-tunes it with `posttrain.training.train` (the code path of
-`posttrain sft`), and scores held-out exact-match accuracy by greedy generation before
-and after training.
-
-Word reversal was chosen because a tiny model learns it reliably for every seed: each
-answer character is a copy of one prompt character, found by position, which two
-attention layers do well. Multi-digit addition, tried first, stalled on a plateau for
-some seeds.
+It writes the word-reversal task of `posttrain.demo_task` as JSONL, trains a
+character-level tokenizer on it, builds a ~0.5M-parameter Llama with random weights,
+fine-tunes it with `posttrain.training.train` (the code path of `posttrain sft`), and
+scores held-out exact-match accuracy by greedy generation before, during and after
+training, through the evaluation path of `posttrain eval` (`answer_eval`, reward `exact`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import random
-import string
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +22,28 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from posttrain import run_dir
+from posttrain.answer_eval import EvalResult, evaluate_answers
 from posttrain.checkpoints import quiet_hf_progress
 from posttrain.config import SFTConfig
-from posttrain.generation import exact_match_accuracy, load_model_and_tokenizer
+from posttrain.data.tokenized import end_of_turn_token_ids
+from posttrain.demo_task import (
+    DEFAULT_MAX_STEPS,
+    DEFAULT_OUTPUT_DIR,
+    MAX_LETTERS,
+    NUM_EVAL,
+    DemoError,
+    DemoSettings,
+    make_reversal_examples,
+    reversal_prompt,
+)
+from posttrain.generation import load_model_and_tokenizer
 from posttrain.jsonl import read_jsonl, write_jsonl
 from posttrain.offline import tiny_causal_lm
+from posttrain.rewards import get_reward_fn
 from posttrain.run_state import RUN_ARTIFACTS
 from posttrain.training import train
 
-PROMPT_PREFIX = "Reverse the word: "
-PROMPT_SUFFIX = " ="
-MIN_LETTERS = 3
-MAX_LETTERS = 8
-ALPHABET = string.ascii_lowercase
-
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
-
-DEFAULT_OUTPUT_DIR = "runs/demo"
-DEFAULT_MAX_STEPS = 300
-NUM_TRAIN = 20_000
-NUM_EVAL = 200
 
 TRAIN_FILE = "train.jsonl"
 EVAL_FILE = "eval.jsonl"
@@ -61,65 +56,6 @@ TRY_WORD = "stressed"
 MARKER_FILE = "demo_config.json"
 # Everything a demo run writes into its directory; --overwrite deletes only these.
 DEMO_ARTIFACTS = (MARKER_FILE, TRAIN_FILE, EVAL_FILE, BASE_MODEL_DIR, SUMMARY_FILE, *RUN_ARTIFACTS)
-
-
-class DemoError(ValueError):
-    """A problem the user can fix (an occupied output directory, a bad argument)."""
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """Everything that shapes a demo run; saved as DIR/demo_config.json."""
-
-    seed: int = 0
-    max_steps: int = DEFAULT_MAX_STEPS
-    num_train: int = NUM_TRAIN
-    num_eval: int = NUM_EVAL
-    arch: str = "llama"
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 512
-    micro_batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 30
-    num_threads: int = 1
-
-
-def reversal_prompt(word: str) -> str:
-    """The prompt asking to reverse `word`: `Reverse the word: daczsb =`.
-
-    The trailing " =" marks where the word ends and the answer begins; without it the
-    model can't tell, while generating, whether a letter belongs to the word or to its
-    answer ("abc" + "c" reads like the word "abcc").
-    """
-    return f"{PROMPT_PREFIX}{word}{PROMPT_SUFFIX}"
-
-
-def make_reversal_examples(
-    num_train: int, num_eval: int, seed: int
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Train and held-out `{"prompt", "response"}` examples of word reversal.
-
-    Words are random lowercase strings of 3 to 8 letters (length uniform), all
-    distinct, so no held-out word is ever seen in training. The same seed gives the
-    same examples.
-    """
-    if num_train < 1 or num_eval < 1:
-        raise DemoError(
-            f"need at least one train and one eval example, got {num_train}, {num_eval}"
-        )
-    rng = random.Random(seed)
-    words: list[str] = []
-    seen: set[str] = set()
-    while len(words) < num_train + num_eval:
-        length = rng.randint(MIN_LETTERS, MAX_LETTERS)
-        word = "".join(rng.choice(ALPHABET) for _ in range(length))
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
-    examples = [{"prompt": reversal_prompt(w), "response": w[::-1]} for w in words]
-    return examples[num_eval:], examples[:num_eval]
 
 
 def train_char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
@@ -217,6 +153,12 @@ def sft_config_for(
         log_every=max(1, min(10, settings.max_steps // 50)),
         # 200 held-out examples take a fraction of a second: a dozen points on the plot.
         eval_every=max(1, settings.max_steps // 12),
+        # The held-out accuracy curve, through the path of `posttrain eval`.
+        eval_generate_file=str(output_dir / EVAL_FILE),
+        eval_generate_every=max(1, settings.max_steps // 12),
+        eval_generate_limit=None,
+        eval_max_new_tokens=MAX_LETTERS + 1,
+        reward="exact",
         # One checkpoint halfway, as a longer run would keep several.
         save_every=max(1, settings.max_steps // 2),
         keep_last=2,
@@ -234,6 +176,26 @@ def torch_threads(num_threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def score_held_out(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    answers: list[str],
+) -> EvalResult:
+    """Greedy answers to the held-out prompts scored by exact match, as `posttrain eval
+    --reward exact --max-new-tokens 9` scores them (room for 8 letters and the EOS)."""
+    return evaluate_answers(
+        model,
+        tokenizer,
+        prompts,
+        answers,
+        get_reward_fn("exact"),
+        max_new_tokens=MAX_LETTERS + 1,
+        stop_token_ids=end_of_turn_token_ids(tokenizer),
+        batch_size=256,
+    )
 
 
 def run_demo(
@@ -292,9 +254,8 @@ def _run(
 
     prompts = [r["prompt"] for r in eval_rows]
     answers = [r["response"] for r in eval_rows]
-    accuracy_before, _ = exact_match_accuracy(
-        model, tokenizer, prompts, answers, max_new_tokens=MAX_LETTERS + 1
-    )
+    before = score_held_out(model, tokenizer, prompts, answers)
+    accuracy_before = before.summary["accuracy"]
     say(f"held-out exact match before training: {accuracy_before:.1%}")
 
     say(f"fine-tuning for {settings.max_steps} steps (the `posttrain sft` trainer)")
@@ -302,9 +263,9 @@ def _run(
 
     # Score the saved model, not the in-memory one: that is what a user gets.
     trained, trained_tokenizer = load_model_and_tokenizer(result.final_model_dir, "cpu")
-    accuracy_after, predictions = exact_match_accuracy(
-        trained, trained_tokenizer, prompts, answers, max_new_tokens=MAX_LETTERS + 1
-    )
+    after = score_held_out(trained, trained_tokenizer, prompts, answers)
+    accuracy_after = after.summary["accuracy"]
+    predictions = [row["response"] for row in after.samples]
     return {
         "task": "word reversal",
         "seed": settings.seed,

@@ -317,43 +317,61 @@ def quiet_font_cache() -> Iterator[None]:
         font_logger.setLevel(level)
 
 
+def _series(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+
+# Panels of the plot, top to bottom: (title, metrics drawn in it, relative height).
+PANELS = (
+    ("loss", ("loss", "eval_loss"), 3),
+    ("held-out accuracy", ("eval_accuracy",), 2),
+    ("lr", ("lr",), 1),
+)
+
+
+def plot_panels(records: list[dict[str, Any]]) -> list[str]:
+    """Titles of the panels `plot_metrics` draws for these records: loss and lr always,
+    held-out accuracy when there is accuracy to show."""
+    return [
+        title
+        for title, keys, _ in PANELS
+        if title != "held-out accuracy" or any(_series(records, k) for k in keys)
+    ]
+
+
 def plot_metrics(
     metrics_jsonl_path: str | os.PathLike[str], png_path: str | os.PathLike[str]
 ) -> Path:
-    """Plot train loss (and eval loss, if any) over steps, with lr below; return the PNG path."""
+    """Plot the loss (train and eval), held-out accuracy when a generation evaluation ran,
+    and the learning rate over steps; return the PNG path."""
     # Figure without pyplot: no global state and no GUI backend, safe in any process.
     with quiet_font_cache():
         from matplotlib.figure import Figure
 
     records = read_metrics(metrics_jsonl_path)
-    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
-    evals = [
-        (r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), (int, float))
-    ]
-    lrs = [(r["step"], r["lr"]) for r in records if isinstance(r.get("lr"), (int, float))]
-
-    fig = Figure(figsize=(8, 5.5), layout="constrained")
-    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    if train:
-        ax_loss.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
-    if evals:
-        ax_loss.plot(
-            *zip(*evals, strict=True), "o-", label="eval loss", linewidth=1.5, markersize=4
-        )
-    if train or evals:
-        ax_loss.legend()
-    else:
-        ax_loss.text(0.5, 0.5, "no loss logged", ha="center", va="center")
-    ax_loss.set_ylabel("loss")
-    ax_loss.grid(alpha=0.3)
-    if lrs:
-        ax_lr.plot(*zip(*lrs, strict=True), color="tab:green", linewidth=1.2)
-    ax_lr.set_ylabel("lr")
-    ax_lr.set_xlabel("step")
-    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    ax_lr.grid(alpha=0.3)
+    series = {key: _series(records, key) for _, keys, _ in PANELS for key in keys}
+    panels = [p for p in PANELS if p[0] in plot_panels(records)]
+    fig = Figure(figsize=(8, 5.5 + 1.5 * (len(panels) - 2)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, height_ratios=[p[2] for p in panels])
+    styles = {"loss": ("-", "train loss"), "eval_loss": ("o-", "eval loss"), "lr": ("-", "lr")}
+    for ax, (title, keys, _) in zip(axes, panels, strict=True):
+        drawn = [key for key in keys if series[key]]
+        for key in drawn:
+            style, label = styles.get(key, ("o-", key))
+            ax.plot(*zip(*series[key], strict=True), style, label=label, markersize=4)
+        if title == "loss":
+            if drawn:
+                ax.legend()
+            else:
+                ax.text(0.5, 0.5, "no loss logged", ha="center", va="center")
+        if title == "held-out accuracy":
+            ax.set_ylim(-0.02, 1.02)
+        if title == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
     fig.suptitle(Path(metrics_jsonl_path).parent.name or "metrics")
-
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from posttrain.demo import DEFAULT_MAX_STEPS, DEFAULT_OUTPUT_DIR
+from posttrain.demo_task import DEFAULT_MAX_STEPS, DEFAULT_OUTPUT_DIR
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,145 @@
+"""Generation evaluation during `posttrain sft`: does the model get the answers right?
+
+Every `eval_generate_every` steps and at the end, the model answers the first
+`eval_generate_limit` prompts of `eval_generate_file` greedily through the same path as
+`posttrain eval` (`answer_eval.evaluate_answers`), each answer is scored with `reward`,
+and eval_accuracy, eval_format_rate and eval_mean_response_length are logged; the
+samples go to OUTPUT_DIR/generations/step_NNNNNN.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from posttrain.answer_eval import evaluate_answers, load_eval_data, write_generations
+from posttrain.data.tokenized import end_of_turn_token_ids
+from posttrain.distributed import DistInfo, is_fsdp
+from posttrain.prompts import build_prompts
+from posttrain.rewards import RewardFn, get_reward_fn
+
+GENERATIONS_DIR = "generations"
+
+
+@dataclass
+class GenerationEval:
+    """What a run's generation evaluation needs, prepared once before the first step."""
+
+    prompts: list[str] | list[list[int]]
+    golds: list[str]
+    reward_fn: RewardFn
+    stop: tuple[str, ...]
+    stop_token_ids: list[int]
+    max_new_tokens: int
+    out_dir: Path
+
+
+def prepare_generation_eval(
+    path: str,
+    tokenizer: Any,
+    *,
+    prompt_field: str,
+    answer_field: str,
+    limit: int | None,
+    template: str | None,
+    reward: str,
+    max_new_tokens: int,
+    out_dir: Path,
+) -> GenerationEval:
+    """Read the prompts and gold answers, render the template, resolve the reward: every
+    input error surfaces here, before training starts."""
+    data = load_eval_data(
+        path,
+        prompt_field,
+        answer_field,
+        limit=limit,
+        flags=("--eval-prompt-field", "--eval-answer-field"),
+    )
+    prompts, stop = build_prompts(tokenizer, data.questions, template or "question_only")
+    return GenerationEval(
+        prompts=prompts,
+        golds=data.golds,
+        reward_fn=get_reward_fn(reward),
+        stop=tuple(stop),
+        stop_token_ids=end_of_turn_token_ids(tokenizer),
+        max_new_tokens=max_new_tokens,
+        out_dir=out_dir / GENERATIONS_DIR,
+    )
+
+
+@contextlib.contextmanager
+def _gathered(loss_module: nn.Module) -> Iterator[None]:
+    """Under FSDP, hold the root's parameters (embeddings, norm, head) gathered while
+    generating: HF `generate` calls the model below the root, whose forward hook would
+    otherwise gather them. The decoder layers gather themselves."""
+    if not is_fsdp(loss_module):
+        yield
+        return
+    loss_module.unshard()
+    try:
+        yield
+    finally:
+        loss_module.reshard()
+
+
+def run_generation_eval(
+    spec: GenerationEval,
+    model: nn.Module,
+    tokenizer: Any,
+    loss_module: nn.Module,
+    info: DistInfo,
+    step: int,
+    autocast_dtype: torch.dtype | None,
+    status: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Greedy answers to every prompt, scored; returns the metrics line and writes the
+    samples (rank 0). Every rank must call this.
+
+    Under DDP the prompts are split over the ranks and the results gathered. Under FSDP
+    every rank answers every prompt (identical inputs and weights give identical
+    decoding steps, so the per-layer all-gathers stay in step across ranks).
+    """
+    sharded = is_fsdp(loss_module)
+    was_training = model.training
+    model.eval()
+
+    def report(done: int, total: int) -> None:
+        if status is not None:
+            status(f"generate {done}/{total}")
+
+    with (
+        _gathered(loss_module),
+        torch.autocast(
+            info.device.type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
+        ),
+    ):
+        result = evaluate_answers(
+            model,
+            tokenizer,
+            spec.prompts,
+            spec.golds,
+            spec.reward_fn,
+            max_new_tokens=spec.max_new_tokens,
+            stop=spec.stop,
+            stop_token_ids=spec.stop_token_ids,
+            info=None if sharded else info,
+            progress=report,
+        )
+    model.train(was_training)
+    if info.is_main:
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        write_generations(spec.out_dir / f"step_{step:06d}.jsonl", result.samples)
+    summary = result.summary
+    return {
+        "eval_accuracy": float(summary["accuracy"]),
+        "eval_format_rate": float(summary["format_rate"]),
+        "eval_mean_response_length": float(summary["mean_response_length"]),
+    }
