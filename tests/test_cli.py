@@ -219,3 +219,32 @@ def test_help_and_config_errors_never_import_torch(argv: list[str]) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "HEAVY []" in done.stderr, done.stderr
+
+
+def test_generate_stops_at_the_chat_end_of_turn_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import posttrain.generation as generation
+
+    seen: dict[str, object] = {}
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen.update(kwargs)
+        return [[generation.Sample("hi", [1], 1, "eos", False, 0.0)]]
+
+    tokenizer = type(
+        "ChatTok",
+        (),
+        {
+            "eos_token_id": 7,
+            "chat_template": "x",
+        },
+    )()
+    monkeypatch.setattr(generation, "load_model_and_tokenizer", lambda *a: (None, tokenizer))
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(
+        "posttrain.data.tokenized.end_of_turn_token_ids", lambda tok: [42, tok.eos_token_id]
+    )
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "q"]) == 0
+    assert capsys.readouterr().out == "hi\n"
+    assert seen["stop_token_ids"] == [42, 7]

@@ -7,7 +7,8 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Print the model's greedy completion of PROMPT, stopping at the EOS token. The "
+        "Print the model's greedy completion of PROMPT, stopping at the EOS token (or the chat "
+        "template's end-of-turn token). The "
         "prompt is used as written (no chat template), as `posttrain sft` trains on "
         "prompt/response pairs."
     )
@@ -28,11 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.generation import greedy_generate, load_model_and_tokenizer
+    from posttrain.data.tokenized import end_of_turn_token_ids
+    from posttrain.generation import generate, load_model_and_tokenizer
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
-    (completion,) = greedy_generate(model, tokenizer, [args.prompt], args.max_new_tokens)
-    print(completion)
+    # A chat model ends its turn with its template's end-of-turn token (<|im_end|>), which
+    # may not be the tokenizer's EOS: stop at either.
+    ((sample,),) = generate(
+        model,
+        tokenizer,
+        [args.prompt],
+        max_new_tokens=args.max_new_tokens,
+        stop_token_ids=end_of_turn_token_ids(tokenizer),
+    )
+    print(sample.text)
     return 0
