@@ -13,27 +13,32 @@ Layout of a run directory::
         step-000020/
       final/                    the trained model (+ tokenizer, config.yaml, COMPLETE)
 
+A LoRA run (a peft model) saves its adapter instead of the whole model: a checkpoint
+holds adapter_model.safetensors and adapter_config.json in place of config.json and
+model.safetensors (the rest as above), and final/ holds the merged model (with
+merge_lora; nothing but config.yaml without) plus the adapter in final/adapter/.
+
 A checkpoint is written into `step-000020.tmp-<pid>` next to its final place,
 fsynced, marked complete, and only then renamed into place. A kill at any point
 therefore leaves either no `step-*` directory or a complete one: `latest_checkpoint`
 only returns directories that carry the marker, and stale temporary directories
 are removed by the next successful save.
 
-Weights are restored with `load_model_weights` (or `AutoModelForCausalLM.from_pretrained`
-on the checkpoint directory); everything else with `load_trainer_state` and
+Weights are restored with `posttrain.model_loading.load_model_weights` (or
+`AutoModelForCausalLM.from_pretrained` on the checkpoint directory), an adapter's with
+`posttrain.lora.load_adapter_weights`; everything else with `load_trainer_state` and
 `restore_rng_state`. Only the main process should call the save functions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,13 @@ import torch
 
 from posttrain.config import SFTConfig, config_from_dict, save_config
 from posttrain.distributed import unwrap_model
+from posttrain.lora import ADAPTER_SUBDIR, is_peft_model, save_adapter
+
+# Loading moved to posttrain.model_loading; these names stay importable from here.
+from posttrain.model_loading import load_model_weights as load_model_weights
+from posttrain.model_loading import load_pretrained as load_pretrained
+from posttrain.model_loading import load_tokenizer as load_tokenizer
+from posttrain.model_loading import quiet_hf_progress
 from posttrain.rng_state import collect_rng_state
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -151,23 +163,6 @@ def _config_dict(config: SFTConfig | Mapping[str, Any] | None) -> SFTConfig | No
     return config_from_dict(config)
 
 
-@contextlib.contextmanager
-def quiet_hf_progress() -> Iterator[None]:
-    """Hide transformers' "Loading weights" / "Writing model shards" bars inside the block.
-
-    They would break into the training progress bar, or clutter a one-line completion.
-    """
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _write_model_dir(
     tmp: Path,
     model: torch.nn.Module,
@@ -176,11 +171,16 @@ def _write_model_dir(
     state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     # transformers 5 always writes safetensors (the `safe_serialization` switch is gone).
-    # A sharded (FSDP) model is saved from its gathered full state dict.
-    with quiet_hf_progress():
-        unwrap_model(model).save_pretrained(
-            tmp, state_dict=dict(state_dict) if state_dict is not None else None
-        )
+    # A sharded (FSDP) model is saved from its gathered full state dict; a peft model as
+    # its adapter alone (from its gathered trainable weights, if given).
+    model = unwrap_model(model)
+    if is_peft_model(model):
+        save_adapter(tmp, model, state_dict)
+    else:
+        with quiet_hf_progress():
+            model.save_pretrained(
+                tmp, state_dict=dict(state_dict) if state_dict is not None else None
+            )
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     cfg = _config_dict(config)
@@ -290,22 +290,38 @@ def save_final_model(
     *,
     model_state_dict: Mapping[str, torch.Tensor] | None = None,
     step: int | None = None,
+    merge_lora: bool = True,
 ) -> Path:
     """Write the trained model (and tokenizer, config.yaml) to OUTPUT_DIR/final atomically.
 
     `model_state_dict`: the gathered full weights of a sharded model (see `save_checkpoint`).
     `step`: the optimizer steps the model was trained for, recorded in the marker so that a
     resumed run knows the run is finished (`final_step`).
+
+    A peft (LoRA) model writes its adapter to final/adapter/ (`model_state_dict` may then
+    hold just the trainable weights) and, with `merge_lora`, the merged model to final/
+    itself: the base model is loaded again from the adapter's `base_model_name_or_path`
+    in float32 on the CPU and the adapter folded in, so final/ loads with
+    `AutoModelForCausalLM.from_pretrained` like a full fine-tuning run's.
     """
     target = Path(output_dir) / FINAL_DIR
     info: dict[str, Any] = {"final": True}
     if step is not None:
         info["step"] = int(step)
-    _write_atomically(
-        target,
-        lambda tmp: _write_model_dir(tmp, model, tokenizer, config, model_state_dict),
-        info,
-    )
+
+    def write(tmp: Path) -> None:
+        if not is_peft_model(unwrap_model(model)):
+            _write_model_dir(tmp, model, tokenizer, config, model_state_dict)
+            return
+        adapter = tmp / ADAPTER_SUBDIR
+        _write_model_dir(adapter, model, tokenizer, config, model_state_dict)
+        if merge_lora:
+            merged, _ = load_pretrained(adapter, dtype=torch.float32)
+            _write_model_dir(tmp, merged, tokenizer, config)
+        elif (cfg := _config_dict(config)) is not None:
+            save_config(cfg, tmp / CONFIG_FILE)
+
+    _write_atomically(target, write, info)
     return target
 
 
@@ -398,101 +414,3 @@ def load_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> SFTConfig:
 
     path = Path(ckpt_dir) / CONFIG_FILE
     return config_from_dict(load_config(path), source=str(path))
-
-
-def _model_dir(model_dir: str | os.PathLike[str]) -> Path:
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ValueError(
-            f"model path {str(path)!r} does not exist or is not a directory (posttrain "
-            "loads local Hugging Face model directories)"
-        )
-    return path
-
-
-def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
-    """The tokenizer of a local model directory; posttrain never downloads one.
-
-    From a directory without tokenizer files transformers builds, without a word, one that
-    knows only special tokens, and training dies on a 0-element reshape: a ValueError here.
-    """
-    from transformers import AutoTokenizer
-
-    path = _model_dir(model_dir)
-    files = ("tokenizer*", "vocab*", "merges*", "*.model", "*.tiktoken")
-    tokenizer = None
-    if any(next(path.glob(pattern), None) for pattern in files):
-        with quiet_hf_progress():
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path)
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"cannot load a tokenizer from {path}: {exc}") from None
-    if tokenizer is None or len(tokenizer) <= len(tokenizer.added_tokens_decoder):
-        raise ValueError(f"{path} has no tokenizer files (tokenizer.json or a vocabulary)")
-    return tokenizer
-
-
-def load_pretrained(
-    model_dir: str | os.PathLike[str], dtype: torch.dtype | None = None
-) -> tuple[Any, Any]:
-    """(model, tokenizer) of a local Hugging Face model directory, e.g. RUN_DIR/final.
-
-    posttrain never downloads: a path that is not a model directory is a ValueError
-    naming it, raised before transformers would try the hub.
-    """
-    from transformers import AutoModelForCausalLM
-
-    path = _model_dir(model_dir)
-    if not (path / "config.json").is_file():
-        raise ValueError(
-            f"{str(path)!r} has no config.json: expected a Hugging Face model directory "
-            "such as RUN_DIR/final"
-        )
-    tokenizer = load_tokenizer(path)
-    with quiet_hf_progress():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    return model, tokenizer
-
-
-def _weight_files(ckpt_dir: Path) -> list[Path]:
-    index = ckpt_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [ckpt_dir / name for name in sorted(set(weight_map.values()))]
-    single = ckpt_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ValueError(f"no model.safetensors (or sharded index) in {ckpt_dir}")
-
-
-def load_model_weights(model: torch.nn.Module, ckpt_dir: str | os.PathLike[str]) -> None:
-    """Load a checkpoint's safetensors weights into `model`, in place and strictly.
-
-    `save_pretrained` stores a tied parameter (e.g. lm_head tied to the embeddings)
-    once; a key is allowed to be missing only if it shares storage with one that was
-    loaded. Any other missing or unexpected key is a `ValueError`.
-    """
-    from safetensors.torch import load_file
-
-    ckpt_dir = Path(ckpt_dir)
-    model = unwrap_model(model)
-    loaded: dict[str, torch.Tensor] = {}
-    for path in _weight_files(ckpt_dir):
-        loaded.update(load_file(str(path), device="cpu"))
-
-    own = model.state_dict()
-    unexpected = sorted(set(loaded) - set(own))
-    missing = set(own) - set(loaded)
-    loaded_ptrs = {own[key].data_ptr() for key in loaded if key in own}
-    untied_missing = sorted(key for key in missing if own[key].data_ptr() not in loaded_ptrs)
-    if unexpected or untied_missing:
-        raise ValueError(
-            f"weights in {ckpt_dir} do not match the model: missing {untied_missing[:10]}, "
-            f"unexpected {unexpected[:10]}"
-        )
-    result = model.load_state_dict(loaded, strict=False)
-    # Only the tied aliases may remain missing (checked above); load_state_dict's own
-    # report is kept as a second guard against a key we failed to account for.
-    leftover = [key for key in result.missing_keys if key not in missing]
-    if leftover or result.unexpected_keys:
-        raise ValueError(f"weights in {ckpt_dir} do not match the model: {result}")

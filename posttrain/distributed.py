@@ -170,6 +170,12 @@ def wrap_model(
     loss sees the head's full weight while the root is gathered for its forward).
     `param_dtype` (bf16) is FSDP's compute dtype for parameters; gradients are still
     reduced in float32.
+
+    A LoRA (peft) model needs nothing else. DDP registers its gradient hooks on the
+    parameters that require grad only, and every adapter is used in every forward, so
+    `find_unused_parameters` stays off. FSDP2 shards frozen and trainable parameters of
+    a block together and reduce-scatters only the gradients that exist; the frozen head
+    still lives in the root unit, gathered whole for the fused loss.
     """
     if not info.is_distributed:
         return module
@@ -222,24 +228,30 @@ def unwrap_model(module: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- state
 
 
-def _full_options() -> Any:
+def _full_options(trainable_only: bool = False) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # cpu_offload keeps the gathered copy on rank 0 only, in host memory.
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+    )
 
 
-def full_model_state_dict(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor] | None:
+def full_model_state_dict(
+    model: nn.Module, sharded: bool, trainable_only: bool = False
+) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on rank 0 when `sharded` (FSDP), else None.
 
     Every rank must call this (it all-gathers the shards). None means the model's own
-    parameters are already whole and can be saved directly.
+    parameters are already whole and can be saved directly. `trainable_only` gathers
+    only the parameters that require grad (a LoRA model's adapters: megabytes, where the
+    frozen base would be gigabytes that a checkpoint does not need).
     """
     if not sharded:
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = get_model_state_dict(model, options=_full_options())
+    state = get_model_state_dict(model, options=_full_options(trainable_only))
     # A tied parameter (lm_head = embeddings) appears under each of its names; the
     # Hugging Face format stores it once, and a second copy can be a gigabyte.
     unique = {name for name, _ in model.named_parameters()}

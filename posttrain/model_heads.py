@@ -9,6 +9,7 @@ ever building the (batch, seq, vocab) logits.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,18 @@ class LinearHead:
         return self.module.bias
 
 
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM inside a peft `PeftModel` (LoRA layers in place, so its
+    body computes the adapted hidden states); any other model unchanged.
+
+    peft is not imported here: a PeftModel can only exist once something imported it.
+    """
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, peft.PeftModel):
+        return model.get_base_model()
+    return model
+
+
 def find_linear_head(model: nn.Module) -> LinearHead | None:
     """The model's output head if the chunked path can compute it exactly, else None.
 
@@ -90,7 +103,10 @@ def find_linear_head(model: nn.Module) -> LinearHead | None:
     chunk. Anything else (an unknown architecture, a subclass defined outside
     transformers, a head that is not a plain `nn.Linear` such as a LoRA or quantised
     layer) returns None and logs once why, so the caller uses the full-logits path.
+    A peft model is looked through (`base_causal_lm`): with LoRA on the body only, its
+    head is still the frozen plain `nn.Linear`.
     """
+    model = base_causal_lm(model)
     cls = type(model)
     name = cls.__name__
     kind = HEAD_FAMILIES.get(name)
@@ -126,8 +142,10 @@ def body_hidden_states(
     """The final hidden states (after the last norm), without computing any logits.
 
     input_ids: (batch, seq) int64; attention_mask: (batch, seq) or None.
-    Returns (batch, seq, hidden) in the body's output dtype.
+    Returns (batch, seq, hidden) in the body's output dtype. A peft model's body is its
+    base model's, adapters included.
     """
+    model = base_causal_lm(model)
     prefix = getattr(model, "base_model_prefix", "")
     body = getattr(model, prefix, None) if prefix else None
     if not isinstance(body, nn.Module) or body is model:
@@ -138,6 +156,7 @@ def body_hidden_states(
 
 def model_vocab_size(model: nn.Module) -> int:
     """Number of rows of the output projection (the logits' last dimension)."""
+    model = base_causal_lm(model)
     head = model.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])

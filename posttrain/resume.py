@@ -21,6 +21,7 @@ from posttrain.checkpoints import (
 )
 from posttrain.config import config_to_dict
 from posttrain.distributed import config_differences
+from posttrain.lora import is_adapter_dir
 
 logger = logging.getLogger("posttrain")
 
@@ -135,6 +136,9 @@ def check_resume_settings(
     (the global batch, and a changed training set too) unless `config.resume_with_changes`."""
     saved = config_to_dict(load_checkpoint_config(checkpoint))
     current = config_to_dict(config)
+    mismatch = lora_mismatch(checkpoint, saved, current)
+    if mismatch:
+        raise ValueError(mismatch)
     changed = [key for key in current if key not in HOW_TO_RUN and saved.get(key) != current[key]]
     if changed:
         lines = config_differences(
@@ -157,3 +161,43 @@ def check_resume_settings(
             "change, or pass --resume-with-changes to continue anyway (the run will not "
             "match an uninterrupted one)"
         )
+
+
+def lora_mismatch(
+    checkpoint: Path, saved: Mapping[str, Any], current: Mapping[str, Any]
+) -> str | None:
+    """Why the checkpoint's weights cannot go into this run's model at all, or None.
+
+    A LoRA checkpoint holds an adapter, a full one every weight; their optimizer states
+    cover different parameters, and an adapter of another rank or other target modules
+    has other tensors. Unlike the changes in BREAKS_EXACT_RESUME, --resume-with-changes
+    cannot help, so the message says what can.
+    """
+    lora_checkpoint = is_adapter_dir(checkpoint)
+    new_run = f"(--model {checkpoint} --output-dir NEW_DIR)"
+    if lora_checkpoint and not current["lora_r"]:
+        flags = f"--lora-r {saved['lora_r']} --lora-target-modules {saved['lora_target_modules']}"
+        return (
+            f"{checkpoint} is a LoRA checkpoint (an adapter, lora_r {saved['lora_r']}) and "
+            f"this run is full fine-tuning (lora_r 0): resume it with its LoRA settings "
+            f"({flags}), or fine-tune the merged model fully in a new run {new_run}"
+        )
+    if current["lora_r"] and not lora_checkpoint:
+        return (
+            f"{checkpoint} is a full fine-tuning checkpoint and this run asks for LoRA "
+            f"(lora_r {current['lora_r']}): its weights and optimizer state are the whole "
+            f"model's, not an adapter's. Resume it without the LoRA flags (--lora-r 0), or "
+            f"train a LoRA on its weights in a new run {new_run}"
+        )
+    reshaped = [
+        f"{key} {saved.get(key)!r} -> {current[key]!r}"
+        for key in ("lora_r", "lora_target_modules")
+        if lora_checkpoint and saved.get(key) != current[key]
+    ]
+    if reshaped:
+        return (
+            f"cannot resume {checkpoint}: its adapter has other layers or shapes than this "
+            f"run's ({'; '.join(reshaped)}), so its weights do not fit. Undo the change, or "
+            f"train the new adapter on its merged model in a new run {new_run}"
+        )
+    return None

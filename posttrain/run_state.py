@@ -18,13 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from posttrain.checkpoints import (
-    CHECKPOINTS_DIR,
-    FINAL_DIR,
-    load_model_weights,
-    load_pretrained,
-    load_trainer_state,
-)
+from posttrain.checkpoints import CHECKPOINTS_DIR, FINAL_DIR, load_trainer_state
 from posttrain.config import SFTConfig, config_to_dict
 from posttrain.data.batching import (
     EpochPlan,
@@ -42,11 +36,13 @@ from posttrain.distributed import (
     load_optimizer_state,
     wrap_model,
 )
+from posttrain.lora import LoraSettings, apply_lora, load_adapter_weights, require_peft
 from posttrain.loss import ResponseLoss
 from posttrain.metrics import (
     METRICS_FILE,
     read_metrics,
 )
+from posttrain.model_loading import load_model_weights, load_pretrained
 from posttrain.optim import build_optimizer, lr_lambda
 from posttrain.primitives import pad_token_id_of
 from posttrain.resume import (
@@ -62,7 +58,14 @@ logger = logging.getLogger("posttrain")
 
 PLOT_FILE = "metrics.png"
 # Files and folders a run writes into output_dir; anything else there is left alone.
-RUN_ARTIFACTS = (CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, PLOT_FILE, "tensorboard")
+RUN_ARTIFACTS = (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    METRICS_FILE,
+    PLOT_FILE,
+    "tensorboard",
+    "generations",
+)
 
 
 @dataclass
@@ -109,10 +112,19 @@ def prepare_run(config: SFTConfig, info: DistInfo) -> Run | TrainResult:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     check_same_config(config_to_dict(config), info)
+    if config.lora_r:
+        require_peft()  # before anything slow: a missing package is one line, at once
     out = _output_dir(config, info)
     torch.manual_seed(config.seed)
     # fp32 master weights whatever the checkpoint's dtype; autocast does the bf16 compute.
     model, tokenizer = load_pretrained(config.model, dtype=torch.float32)
+    if config.lora_r:
+        # After the base weights, before DDP/FSDP wrap it and the optimizer sees it; here,
+        # so that a target module that matches nothing is reported before the data loads.
+        lora = LoraSettings(
+            config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
+        )
+        model = apply_lora(model, lora, str(Path(config.model).resolve()), log=info.is_main)
     train_examples, eval_examples = _load_data(config, tokenizer, info)
     plan = epoch_plan(train_examples, config, info, epoch=0)
     total_steps = config.max_steps or math.ceil(config.epochs * len(plan))
@@ -133,8 +145,10 @@ def prepare_run(config: SFTConfig, info: DistInfo) -> Run | TrainResult:
         )
     model.config.use_cache = False
     if point.checkpoint is not None:
-        # The weights go into the whole model, before any sharding.
-        load_model_weights(model, point.checkpoint)
+        # The weights go into the whole model, before any sharding; a LoRA checkpoint
+        # holds the adapter only (the base weights are the ones just loaded).
+        load = load_adapter_weights if config.lora_r else load_model_weights
+        load(model, point.checkpoint)
     autocast_dtype = autocast_dtype_for(config.precision, info.device)
     run = Run(
         info=info,

@@ -40,6 +40,7 @@ from posttrain.distributed import (
     shutdown,
 )
 from posttrain.evaluation import autocast, evaluate_loss, to_device
+from posttrain.generation_eval import GenerationEval, prepare_generation_eval, run_generation_eval
 from posttrain.interrupts import StopRequest
 from posttrain.loss import StepStats, loss_weights, step_denominator
 from posttrain.metrics import (
@@ -91,6 +92,7 @@ def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
     run = prepare_run(config, info)
     if isinstance(run, TrainResult):
         return run  # a finished run, resumed: nothing to do
+    generation_eval = _generation_eval(config, run)
     metrics = MetricsLogger(
         run.out,
         config_to_dict(config),
@@ -132,6 +134,19 @@ def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
                 )
                 metrics.log(done, row)
                 progress.update(done, row)
+            if generation_eval and due(done, config.eval_generate_every, run.total_steps):
+                row = run_generation_eval(
+                    generation_eval,
+                    run.model,
+                    run.tokenizer,
+                    run.loss_module,
+                    info,
+                    done,
+                    run.autocast_dtype,
+                    progress.status,
+                )
+                metrics.log(done, row)
+                progress.update(done, row)
             saved = due(done, config.save_every, run.total_steps, at_end=False)
             if saved:
                 save_step(run, done, config)
@@ -139,6 +154,33 @@ def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
                 checkpoint = save_step(run, done, config) if not saved else None
                 raise TrainingInterrupted(signum, done, checkpoint or latest_checkpoint(run.out))
     return finish(run, config, final_loss, time.monotonic() - started)
+
+
+def _generation_eval(config: SFTConfig, run: Run) -> GenerationEval | None:
+    """The run's generation evaluation, prepared (and announced) before the first step."""
+    if config.eval_generate_file is None or config.reward is None:
+        return None
+    spec = prepare_generation_eval(
+        config.eval_generate_file,
+        run.tokenizer,
+        prompt_field=config.eval_prompt_field or config.prompt_field,
+        answer_field=config.eval_answer_field or config.response_field,
+        limit=config.eval_generate_limit,
+        template=config.eval_prompt_template,
+        reward=config.reward,
+        max_new_tokens=config.eval_max_new_tokens,
+        out_dir=run.out,
+    )
+    if run.info.is_main:
+        every = config.eval_generate_every
+        logger.info(
+            "generation evaluation: greedy answers to %d prompts of %s scored with %r, %s",
+            len(spec.prompts),
+            config.eval_generate_file,
+            config.reward,
+            f"every {every} steps and at the end" if every else "at the end",
+        )
+    return spec
 
 
 def due(done: int, every: int | None, total: int, at_end: bool = True) -> bool:
@@ -244,7 +286,8 @@ def step_metrics(
 def save_step(run: Run, done: int, config: SFTConfig) -> Path:
     """A checkpoint after step `done`: every rank gathers the state, rank 0 writes it."""
     sharded = is_fsdp(run.loss_module)
-    weights = full_model_state_dict(run.model, sharded)
+    # A LoRA checkpoint is its adapter: only the trainable weights are gathered.
+    weights = full_model_state_dict(run.model, sharded, trainable_only=config.lora_r > 0)
     optimizer_state = full_optimizer_state_dict(run.model, run.optimizer)
     if run.info.is_main:
         save_checkpoint(
@@ -268,10 +311,14 @@ def save_step(run: Run, done: int, config: SFTConfig) -> Path:
 
 
 def finish(run: Run, config: SFTConfig, final_loss: float, train_seconds: float) -> TrainResult:
-    """Save the final model and plot the metrics (rank 0); every rank gathers the weights."""
+    """Save the final model and plot the metrics (rank 0); every rank gathers the weights.
+
+    A LoRA run writes final/adapter/ and, with `merge_lora`, the merged model in final/.
+    """
     final_dir = run.out / FINAL_DIR
     plot_path = None
-    weights = full_model_state_dict(run.model, is_fsdp(run.loss_module))
+    lora = config.lora_r > 0
+    weights = full_model_state_dict(run.model, is_fsdp(run.loss_module), trainable_only=lora)
     if run.info.is_main:
         final_dir = save_final_model(
             run.out,
@@ -280,6 +327,7 @@ def finish(run: Run, config: SFTConfig, final_loss: float, train_seconds: float)
             config,
             model_state_dict=weights,
             step=run.total_steps,
+            merge_lora=config.merge_lora,
         )
         metrics_path = run.out / METRICS_FILE
         if metrics_path.exists():

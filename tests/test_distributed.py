@@ -118,6 +118,9 @@ def workdir(tmp_path_factory, llama_tokenizer) -> Path:
 # Output dirs of the two-rank runs, by strategy; the tied model checks FSDP's handling
 # of a parameter shared by the embeddings and the output head.
 MODELS = {"ddp": "model", "fsdp": "model_tied"}
+# LoRA on all linear layers of the body, no dropout (its masks would differ between two
+# ranks and one process); the frozen head is tied under FSDP, untied under DDP.
+LORA = {"lora_r": 4, "lora_dropout": 0.0, "lr": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +131,9 @@ def two_ranks(workdir) -> dict[str, Any]:
         settings = base_settings(workdir, model, workdir / f"two-{strategy}")
         settings.update(micro_batch_size=2, strategy=strategy)
         jobs[strategy] = {"argv": cli_args(settings)}
+        settings = base_settings(workdir, model, workdir / f"two-lora-{strategy}")
+        settings.update(micro_batch_size=2, strategy=strategy, **LORA)
+        jobs[f"lora-{strategy}"] = {"argv": cli_args(settings)}
     disagree = base_settings(workdir, "model", workdir / "two-disagree")
     jobs["disagree"] = {"argv": cli_args(disagree), "rank1_extra": ["--lr", "0.001"]}
     tiny = base_settings(workdir, "model", workdir / "two-tiny")
@@ -235,6 +241,45 @@ def test_two_rank_checkpoint_resumes_in_one_process(workdir, two_ranks, tmp_path
     single_process_run(workdir, strategy, out, resume=True, eval_every=0, eval_file=None)
     resumed, _ = read_metrics(out)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed[3:], train_two[3:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE, rel=0), (a, b)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_two_ranks_match_one_process(workdir, two_ranks, tmp_path, strategy) -> None:
+    from safetensors.torch import load_file
+
+    job = f"lora-{strategy}"
+    assert all(codes[job] == 0 for codes in two_ranks["codes"]), two_ranks["stderr"][-4000:]
+    two = workdir / f"two-{job}"
+    one = single_process_run(workdir, strategy, tmp_path / "one", **LORA)
+    train_two, eval_two = read_metrics(two)
+    train_one, eval_one = read_metrics(one)
+    assert [r["step"] for r in train_two] == list(range(1, STEPS + 1))
+    for a, b in zip(train_two, train_one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE, rel=0), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=TOLERANCE, rel=0), (a, b)
+    assert eval_two[0]["eval_loss"] == pytest.approx(eval_one[0]["eval_loss"], abs=TOLERANCE)
+    # Checkpoints and final/adapter hold the adapter, gathered from the shards under FSDP.
+    ckpt = two / "checkpoints/step-000003"
+    assert (ckpt / "adapter_model.safetensors").is_file()
+    assert not (ckpt / "model.safetensors").exists()
+    for name in ("final/adapter/adapter_model.safetensors", "final/model.safetensors"):
+        want, got = load_file(one / name), load_file(two / name)
+        assert set(want) == set(got), name
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=0, msg=key)
+    # The LoRA checkpoint of two ranks resumes in one process.
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(ckpt, out / "checkpoints/step-000003")
+    (out / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in train_two[:3]), encoding="utf-8"
+    )
+    single_process_run(
+        workdir, strategy, out, resume=True, eval_every=0, eval_file=None, merge_lora=False, **LORA
+    )
+    resumed, _ = read_metrics(out)
     for a, b in zip(resumed[3:], train_two[3:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE, rel=0), (a, b)
 
