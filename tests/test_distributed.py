@@ -123,13 +123,23 @@ MODELS = {"ddp": "model", "fsdp": "model_tied"}
 LORA = {"lora_r": 4, "lora_dropout": 0.0, "lr": 1e-2}
 
 
+def generation_eval(root: Path) -> dict[str, Any]:
+    """Greedy answers to the eval prompts at the last step, scored by exact match."""
+    return {
+        "eval_generate_file": str(root / "eval.jsonl"),
+        "eval_answer_field": "response",
+        "reward": "exact",
+        "eval_max_new_tokens": 6,
+    }
+
+
 @pytest.fixture(scope="module")
 def two_ranks(workdir) -> dict[str, Any]:
     """Launch every distributed job in one torchrun; return its outputs."""
     jobs = {}
     for strategy, model in MODELS.items():
         settings = base_settings(workdir, model, workdir / f"two-{strategy}")
-        settings.update(micro_batch_size=2, strategy=strategy)
+        settings.update(micro_batch_size=2, strategy=strategy, **generation_eval(workdir))
         jobs[strategy] = {"argv": cli_args(settings)}
         settings = base_settings(workdir, model, workdir / f"two-lora-{strategy}")
         settings.update(micro_batch_size=2, strategy=strategy, **LORA)
@@ -316,6 +326,34 @@ def test_steps_per_epoch_matches_the_plan(world_size, num_examples) -> None:
     assert len(plan) == max(1, full + (1 if tail >= world_size else 0))
     assert plan.left_out == tail % world_size
     assert sum(len(ids) for step in plan for ids in step) == num_examples - plan.left_out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_generation_eval_on_two_ranks_matches_one_process(workdir, two_ranks, tmp_path, strategy):
+    """Prompts split over the ranks (DDP) or answered by every rank (FSDP): either way the
+    logged accuracy and the samples are what one process gets from the same weights."""
+    from posttrain.cli.main import main
+
+    assert all(codes[strategy] == 0 for codes in two_ranks["codes"]), two_ranks["stderr"][-4000:]
+    two = workdir / f"two-{strategy}"
+    rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    (logged,) = [r for r in rows if "eval_accuracy" in r]
+    assert logged["step"] == STEPS
+    samples = [
+        json.loads(x)
+        for x in (two / "generations" / f"step_{STEPS:06d}.jsonl").read_text().splitlines()
+    ]
+    settings = generation_eval(workdir)
+    argv = ["eval", "--model", str(two / "final"), "--data", settings["eval_generate_file"]]
+    argv += ["--answer-field", "response", "--reward", "exact", "--max-new-tokens", "6"]
+    argv += ["--output-dir", str(tmp_path / "eval"), "--device", "cpu"]
+    assert main(argv) == 0
+    again = [
+        json.loads(x) for x in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()
+    ]
+    assert [s["response"] for s in samples] == [s["response"] for s in again]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert logged["eval_accuracy"] == pytest.approx(summary["accuracy"])
 
 
 if __name__ == "__main__":
