@@ -35,7 +35,7 @@ CORPUS = [
     "Hello, world! The quick brown fox jumps over the lazy dog. Be brief.",
     "Question: What is 12 + 30? Answer: 42",
 ] * 10
-GSM8K = Path("/work/shared/data/gsm8k_512.jsonl")
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_512.jsonl"
 
 PAIRS = [
     {"prompt": "Question: What is 12 + 30?", "response": " Answer: 42"},

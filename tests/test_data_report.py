@@ -27,7 +27,7 @@ from posttrain.data_report import (
 )
 from posttrain.primitives import pad_token_id_of
 
-GSM8K_RAW = Path("/work/shared/data/gsm8k_test.jsonl")
+GSM8K_RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
 LONG = " the quick brown fox jumps over the lazy dog" * 3
 ROWS = [
     {"prompt": "Question: What is 12 + 30? Answer:", "response": " 42"},
