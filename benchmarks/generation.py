@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import load_average, vocab_case_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
@@ -69,20 +69,9 @@ def read_questions(path: Path, count: int) -> list[str]:
 
 def build_model_and_tokenizer() -> tuple[Any, Any]:
     """train_throughput's "vocab" case, built in memory."""
-    from posttrain.offline import QWEN25_VOCAB_SIZE, build_qwen_tokenizer, tiny_causal_lm
+    from posttrain.offline import build_qwen_tokenizer
 
-    tokenizer = build_qwen_tokenizer()
-    model = tiny_causal_lm(
-        "qwen2",
-        vocab_size=QWEN25_VOCAB_SIZE,
-        hidden_size=256,
-        num_layers=4,
-        num_heads=4,
-        tie_word_embeddings=True,
-        max_position_embeddings=MAX_POSITIONS,
-        seed=0,
-    )
-    return model.eval(), tokenizer
+    return vocab_case_model(MAX_POSITIONS, seed=0).eval(), build_qwen_tokenizer()
 
 
 def baseline(
@@ -104,15 +93,6 @@ def baseline(
             new = output[0, encoded["input_ids"].shape[1] :].tolist()
             results.append(new[: new.index(eos) + 1] if eos in new else new)
     return results
-
-
-def _load() -> str:
-    """The 1- and 5-minute load averages, as `uptime` shows them."""
-    try:
-        one, five, _ = os.getloadavg()
-    except OSError:
-        return "unknown"
-    return f"{one:.2f} {five:.2f}"
 
 
 def _timed(fn: Any) -> tuple[Any, float]:
@@ -199,7 +179,9 @@ def main() -> None:
                 same = sum(row["ids"][i] == ids for i, ids in pairs)
                 row["same_ids_as_baseline"] = f"{same}/{len(base_index)}"
             del row["ids"]
-            print(json.dumps(row | {"repeat": repeat, **common, "load": _load()}), flush=True)
+            print(
+                json.dumps(row | {"repeat": repeat, **common, "load": load_average()}), flush=True
+            )
 
     base_rate = statistics.median(rates.pop("baseline"))
     speedups = {key: statistics.median(r) / base_rate for key, r in rates.items()}
@@ -217,7 +199,7 @@ def main() -> None:
         "best": best,
         "target_speedup": TARGET_SPEEDUP,
         "target_met": speedups[best] >= TARGET_SPEEDUP,
-        "load": _load(),
+        "load": load_average(),
     }
     print(json.dumps(summary), flush=True)
 

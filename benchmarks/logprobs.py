@@ -32,28 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import read_status_kb, reset_peak_rss, vocab_case_model
+
 PATHS = ("guide", "posttrain")
-
-
-def _read_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM); Linux >= 4.0 only."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def _make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
@@ -104,18 +85,10 @@ def worker(args: argparse.Namespace) -> dict:
     """Run one path in this process and return its measurements."""
     import torch
 
-    from posttrain.offline import QWEN25_VOCAB_SIZE, tiny_causal_lm
+    from posttrain.offline import QWEN25_VOCAB_SIZE
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    model = tiny_causal_lm(
-        "qwen2",
-        vocab_size=QWEN25_VOCAB_SIZE,
-        hidden_size=256,
-        num_layers=4,
-        num_heads=4,
-        tie_word_embeddings=True,
-        seed=0,
-    ).to(device)
+    model = vocab_case_model().to(device)
     model.train()
     batch = [t.to(device) for t in _make_batch(args.batch, args.seq, QWEN25_VOCAB_SIZE)]
     if args.path == "guide":
@@ -132,8 +105,8 @@ def worker(args: argparse.Namespace) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        reset = _reset_peak_rss()
-        base = (_read_status_kb("VmRSS") or 0) * 1024
+        reset = reset_peak_rss()
+        base = (read_status_kb("VmRSS") or 0) * 1024
 
     times = []
     for i in range(args.repeats + 1):
@@ -150,7 +123,7 @@ def worker(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
         peak_source = "torch.cuda.max_memory_allocated"
     else:
-        hwm = _read_status_kb("VmHWM") if reset else None
+        hwm = read_status_kb("VmHWM") if reset else None
         if hwm is not None:
             peak, peak_source = hwm * 1024 - base, "VmHWM"
         else:

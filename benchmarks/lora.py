@@ -52,6 +52,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import load_average, read_status_kb, reset_peak_rss, vocab_case_model
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k_512.jsonl"
 SEED = 0
@@ -108,7 +110,6 @@ def _heavy_rows(pairs: list[dict[str, str]], n: int) -> list[dict[str, str]]:
 
 def _build_model(case: str, model_dir: Path, pairs: list[dict[str, str]]) -> None:
     from posttrain.offline import (
-        QWEN25_VOCAB_SIZE,
         build_qwen_tokenizer,
         tiny_causal_lm,
         train_bpe_tokenizer,
@@ -116,16 +117,7 @@ def _build_model(case: str, model_dir: Path, pairs: list[dict[str, str]]) -> Non
 
     if case == "vocab":
         tokenizer = build_qwen_tokenizer()
-        model = tiny_causal_lm(
-            "qwen2",
-            vocab_size=QWEN25_VOCAB_SIZE,
-            hidden_size=256,
-            num_layers=4,
-            num_heads=4,
-            tie_word_embeddings=True,
-            max_position_embeddings=512,
-            seed=SEED,
-        )
+        model = vocab_case_model(512, seed=SEED)
     else:
         texts = [p["prompt"] + p["completion"] for p in pairs]
         tokenizer = train_bpe_tokenizer(texts, vocab_size=8192, add_bos=True)
@@ -177,27 +169,6 @@ def prepare(workdir: Path, data: Path, cases: list[str]) -> dict[str, int]:
 # --------------------------------------------------------------------------- a run
 
 
-def _read_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM); Linux >= 4.0 only."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -222,9 +193,9 @@ class MemoryProbe:
             self.base, self.source = torch.cuda.memory_allocated(), "cuda max_memory_allocated"
             torch.cuda.reset_peak_memory_stats()
             return
-        if not _reset_peak_rss():
+        if not reset_peak_rss():
             self.source = "ru_maxrss (VmHWM cannot be reset: includes loading)"
-        self.base = (_read_status_kb("VmRSS") or 0) * 1024
+        self.base = (read_status_kb("VmRSS") or 0) * 1024
 
     def stop(self) -> None:
         import torch
@@ -233,7 +204,7 @@ class MemoryProbe:
         if torch.cuda.is_available():
             self.peak_extra = torch.cuda.max_memory_allocated() - self.base
             return
-        hwm = _read_status_kb("VmHWM") if self.source == "VmHWM" else None
+        hwm = read_status_kb("VmHWM") if self.source == "VmHWM" else None
         peak = hwm * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.peak_extra = peak - self.base
 
@@ -330,14 +301,6 @@ def launch(args: argparse.Namespace, case: str, run: str, memory: bool) -> dict[
     return {"wall_s": round(wall, 2), "process_peak_rss_mb": round(usage.ru_maxrss / 1024), **inner}
 
 
-def _load() -> str:
-    try:
-        one, five, _ = os.getloadavg()
-    except OSError:
-        return "unknown"
-    return f"{one:.2f} {five:.2f}"
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -429,7 +392,7 @@ def speed_row(
         "wall_s": best["wall_s"],
         "process_peak_rss_mb": best["process_peak_rss_mb"],
         "threads": threads,
-        "load_avg_1m_5m": _load(),
+        "load_avg_1m_5m": load_average(),
     }
 
 

@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import load_average, vocab_case_model
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +108,6 @@ def prepare(workdir: Path, data: Path, cases: list[str]) -> dict[str, int]:
     from posttrain.config import SFTConfig
     from posttrain.data.tokenized import load_dataset_for_training
     from posttrain.offline import (
-        QWEN25_VOCAB_SIZE,
         build_qwen_tokenizer,
         tiny_causal_lm,
         train_bpe_tokenizer,
@@ -125,16 +125,7 @@ def prepare(workdir: Path, data: Path, cases: list[str]) -> dict[str, int]:
         if not (model_dir / "config.json").is_file():
             if case == "vocab":
                 tokenizer = build_qwen_tokenizer()
-                model = tiny_causal_lm(
-                    "qwen2",
-                    vocab_size=QWEN25_VOCAB_SIZE,
-                    hidden_size=256,
-                    num_layers=4,
-                    num_heads=4,
-                    tie_word_embeddings=True,
-                    max_position_embeddings=MAX_SEQ_LEN,
-                    seed=SEED,
-                )
+                model = vocab_case_model(MAX_SEQ_LEN, seed=SEED)
             else:
                 texts = [p["prompt"] + p["completion"] for p in pairs]
                 tokenizer = train_bpe_tokenizer(texts, vocab_size=8192, add_bos=True)
@@ -319,14 +310,6 @@ def launch(args: argparse.Namespace, case: str, run: str) -> dict:
     return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, **inner}
 
 
-def _load() -> str:
-    try:
-        one, five, _ = os.getloadavg()
-    except OSError:
-        return "unknown"
-    return f"{one:.2f} {five:.2f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
@@ -365,7 +348,7 @@ def main() -> None:
                     "train_loop_s": best["train_loop_s"],
                     "final_loss": round(best["final_loss"], 4),
                     "threads": args.threads,
-                    "load_avg_1m_5m": _load(),
+                    "load_avg_1m_5m": load_average(),
                 }
                 results[run] = row
                 print(json.dumps(row), flush=True)
