@@ -4,7 +4,12 @@ under pytest and when a test file runs as a torchrun worker script)."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -111,3 +116,43 @@ def make_config(workdir: Path, out: Path, **overrides) -> SFTConfig:
     }
     values.update(overrides)
     return SFTConfig(**values)
+
+
+# --------------------------------------------------------------------------- sft in a subprocess
+
+SUBPROCESS_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def sft_command(config: SFTConfig, tmp_path: Path) -> list[str]:
+    """The command line that runs `config` through `posttrain sft` in a fresh process."""
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")  # JSON is YAML
+    return [sys.executable, "-m", "posttrain", "sft", "--config", str(cfg_file)]
+
+
+def start_until(
+    cmd: list[str], ready: Callable[[], bool], timeout: float = 120
+) -> subprocess.Popen:
+    """Start `cmd` and return once `ready()` holds, failing if the process ends first."""
+    proc = subprocess.Popen(
+        cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return proc
+
+
+def resume(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run `cmd --resume` to the end, capturing its output as text."""
+    return subprocess.run([*cmd, "--resume"], env=SUBPROCESS_ENV, capture_output=True, text=True)
+
+
+def past_checkpoint(out: Path, name: str) -> bool:
+    """Whether the run in `out` has a complete checkpoint at or after `name` (step-NNNNNN)."""
+    from posttrain.checkpoints import latest_checkpoint
+
+    latest = latest_checkpoint(out)
+    return latest is not None and latest.name >= name

@@ -4,15 +4,11 @@ that leads to the same final weights as an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from helpers import make_config
+from helpers import make_config, resume, sft_command, start_until
 from safetensors.torch import load_file
 
 from posttrain.training import train
@@ -33,17 +29,8 @@ def test_signal_checkpoints_and_resumes_exactly(workdir, tmp_path, signum) -> No
     train(make_config(workdir, straight, **SETTINGS))
 
     out = tmp_path / "stopped"
-    config = make_config(workdir, out, **SETTINGS)
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")
-    cmd = [sys.executable, "-m", "posttrain", "sft", "--config", str(cfg_file)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while logged_steps(out / "metrics.jsonl") < 3:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    cmd = sft_command(make_config(workdir, out, **SETTINGS), tmp_path)
+    proc = start_until(cmd, lambda: logged_steps(out / "metrics.jsonl") >= 3)
     proc.send_signal(signum)
     err = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 128 + signum, err
@@ -53,7 +40,7 @@ def test_signal_checkpoints_and_resumes_exactly(workdir, tmp_path, signum) -> No
     assert not (out / "final").exists()
     assert any((out / "checkpoints").iterdir())
 
-    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    resumed = resume(cmd)
     assert resumed.returncode == 0, resumed.stderr
     want = load_file(straight / "final" / "model.safetensors")
     got = load_file(out / "final" / "model.safetensors")

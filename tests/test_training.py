@@ -6,16 +6,12 @@ import copy
 import json
 import logging
 import math
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_config
+from helpers import make_config, past_checkpoint, resume, sft_command, start_until
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -177,23 +173,14 @@ def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path) -> None:
     train(make_config(workdir, straight, **settings))
 
     killed = tmp_path / "killed"
-    config = make_config(workdir, killed, **settings)
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")  # JSON is YAML
-    cmd = [sys.executable, "-m", "posttrain", "sft", "--config", str(cfg_file)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while latest_checkpoint(killed) is None or latest_checkpoint(killed).name < "step-000006":
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    cmd = sft_command(make_config(workdir, killed, **settings), tmp_path)
+    proc = start_until(cmd, lambda: past_checkpoint(killed, "step-000006"), timeout=120)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "final").exists()
 
-    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    resumed = resume(cmd)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
     want = load_file(straight / "final" / "model.safetensors")
