@@ -26,7 +26,11 @@ from posttrain.data.batching import (
     plan_batches,
 )
 from posttrain.data.records import load_records
-from posttrain.data.tokenized import TokenizedExample, load_dataset_for_training
+from posttrain.data.tokenized import (
+    TokenizedExample,
+    load_dataset_for_training,
+    tokenize_for_training,
+)
 from posttrain.data_report import boundary_warning
 from posttrain.distributed import (
     DistInfo,
@@ -173,10 +177,11 @@ def _load_data(
     config: SFTConfig, tokenizer: Any, info: DistInfo
 ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
     fmt = config.data_format()
-    train_examples, report = load_dataset_for_training(config.train_file, tokenizer, fmt)
+    records = load_records(config.train_file, fmt)
+    train_examples, report = tokenize_for_training(records, tokenizer, fmt, config.train_file)
     if info.is_main:
         logger.info("%s", report.summary())
-        warning = boundary_warning(load_records(config.train_file, fmt), tokenizer)
+        warning = boundary_warning(records, tokenizer)
         if warning:
             logger.warning("%s", warning)
     eval_examples: list[TokenizedExample] = []

@@ -376,6 +376,26 @@ def tokenize_records(
     return kept, build_data_report(encoded, kept, dropped, tokenizer, fmt, path)
 
 
+def tokenize_for_training(
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: DataFormat,
+    path: str | os.PathLike[str],
+) -> tuple[list[TokenizedExample], DataReport]:
+    """`tokenize_records`, refusing a data set that `max_seq_len` leaves empty.
+
+    Raises:
+        ValueError: no example left after max_seq_len (naming `path`).
+    """
+    examples, report = tokenize_records(records, tokenizer, fmt, path)
+    if not examples:
+        raise ValueError(
+            f"{path}: all {report.num_records} examples were dropped: longer than "
+            f"max_seq_len={fmt.max_seq_len} (truncation={fmt.truncation!r})"
+        )
+    return examples, report
+
+
 def load_dataset_for_training(
     path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase, fmt: DataFormat
 ) -> tuple[list[TokenizedExample], DataReport]:
@@ -384,11 +404,4 @@ def load_dataset_for_training(
     Raises:
         ValueError: any error of `load_records`, or no example left after max_seq_len.
     """
-    records = load_records(path, fmt)
-    examples, report = tokenize_records(records, tokenizer, fmt, path)
-    if not examples:
-        raise ValueError(
-            f"{path}: all {report.num_records} examples were dropped: longer than "
-            f"max_seq_len={fmt.max_seq_len} (truncation={fmt.truncation!r})"
-        )
-    return examples, report
+    return tokenize_for_training(load_records(path, fmt), tokenizer, fmt, path)
