@@ -21,6 +21,7 @@ from torch import nn
 from posttrain.answer_eval import evaluate_answers, load_eval_data, write_generations
 from posttrain.data.tokenized import end_of_turn_token_ids
 from posttrain.distributed import DistInfo, is_fsdp
+from posttrain.evaluation import autocast
 from posttrain.prompts import build_prompts
 from posttrain.rewards import RewardFn, get_reward_fn
 
@@ -113,14 +114,7 @@ def run_generation_eval(
         if status is not None:
             status(f"generate {done}/{total}")
 
-    with (
-        _gathered(loss_module),
-        torch.autocast(
-            info.device.type,
-            dtype=autocast_dtype or torch.float32,
-            enabled=autocast_dtype is not None,
-        ),
-    ):
+    with _gathered(loss_module), autocast(info.device, autocast_dtype):
         result = evaluate_answers(
             model,
             tokenizer,
