@@ -27,7 +27,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from posttrain.data.records import read_rows
 from posttrain.distributed import DistInfo, is_fsdp, unwrap_model
-from posttrain.generation import Sample, generate
+from posttrain.generation import Sample, batch_order, encode_prompts, generate
 from posttrain.jsonl import write_jsonl
 from posttrain.rewards import RewardError, RewardFn, score_responses
 
@@ -98,36 +98,6 @@ def _check_inputs(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-
-
-def _encode(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str] | Sequence[Sequence[int]]
-) -> list[list[int]]:
-    """Token ids of each prompt: strings tokenized with special tokens (as `generate`
-    does), id lists as given (`generate` checks them against the vocabulary)."""
-    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
-    encoded: list[list[int]] = [[] for _ in prompts]
-    if texts:
-        ids = tokenizer([prompts[i] for i in texts], add_special_tokens=True)["input_ids"]
-        for i, row in zip(texts, ids, strict=True):
-            encoded[i] = list(row)
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            if not isinstance(prompt, Sequence) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt
-            ):
-                raise ValueError(f"prompt {i} is neither a string nor a list of token ids")
-            encoded[i] = list(prompt)
-        if not encoded[i]:
-            raise ValueError(f"prompt {i} encodes to no tokens: {prompt!r}")
-    return encoded
-
-
-def plan_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Prompt indices by batch: longest first, `batch_size` at a time, as `generate` runs
-    them (a stable sort, so equal lengths keep input order)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 # --------------------------------------------------------------------------- data
@@ -291,6 +261,20 @@ def _raise_first_failure(gathered: list[dict[str, Any]], own: BaseException | No
     raise kind(f"rank {rank}: {payload['error']}")
 
 
+def _plan(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    batch_size: int,
+) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
+    """The prompts' token ids and (batch number, prompt indices) of every batch, encoded
+    and ordered by `generate`'s own functions, so a share of the batches run through
+    `generate` reproduces exactly what one call over all prompts would."""
+    vocab_size = model.get_input_embeddings().num_embeddings
+    encoded = encode_prompts(tokenizer, prompts, True, vocab_size)
+    return encoded, list(enumerate(batch_order([len(ids) for ids in encoded], batch_size)))
+
+
 def evaluate_answers(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -336,8 +320,7 @@ def evaluate_answers(
             "whole model on each rank first"
         )
     start = time.perf_counter()
-    encoded = _encode(tokenizer, prompts)
-    plan = list(enumerate(plan_batches([len(ids) for ids in encoded], batch_size)))
+    encoded, plan = _plan(model, tokenizer, prompts, batch_size)
     kwargs = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,

@@ -210,7 +210,7 @@ def _stop_token_ids(
     return tuple(sorted(ids))
 
 
-def _encode(
+def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] | Sequence[Sequence[int]],
     add_special_tokens: bool,
@@ -235,6 +235,15 @@ def _encode(
         if not encoded[i]:
             raise ValueError(f"prompt {i} encodes to no tokens: {prompt!r}")
     return encoded  # type: ignore[return-value]
+
+
+def batch_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices by batch, as `generate` runs them: longest first (similar lengths
+    share a batch, so less padding, and an out-of-memory error comes at once), a stable
+    sort (equal lengths keep input order), `batch_size` at a time. Batch b is sampled with
+    seed `seed + b`."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def _validate(
@@ -410,7 +419,7 @@ def generate(
         raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
     stop_ids = _stop_token_ids(model, tokenizer, stop_token_ids)
     vocab_size = model.get_input_embeddings().num_embeddings
-    encoded = _encode(tokenizer, prompts, add_special_tokens, vocab_size)
+    encoded = encode_prompts(tokenizer, prompts, add_special_tokens, vocab_size)
     pad_id = tokenizer.pad_token_id
     cfg = _Settings(
         max_new_tokens=max_new_tokens,
@@ -422,16 +431,12 @@ def generate(
         # Padding is masked out, so any id serves where the tokenizer has no pad token.
         pad_id=stop_ids[0] if pad_id is None else pad_id,
     )
-    # Longest first: similar lengths share a batch (less padding) and an out-of-memory
-    # error, if any, comes at once.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[list[Sample]] = [[] for _ in encoded]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), _private_rng(next(model.parameters()).device) as reseed:
-            for b, start in enumerate(range(0, len(order), batch_size)):
-                chunk = order[start : start + batch_size]
+            for b, chunk in enumerate(batch_order([len(ids) for ids in encoded], batch_size)):
                 # One seed per batch: sampling depends on nothing drawn before it.
                 reseed(seed + b)
                 batch = _generate_batch(model, tokenizer, [encoded[i] for i in chunk], cfg)
