@@ -46,7 +46,8 @@ import torch
 
 from posttrain.config import SFTConfig, config_from_dict, save_config
 from posttrain.distributed import unwrap_model
-from posttrain.lora import ADAPTER_SUBDIR, is_peft_model, save_adapter
+from posttrain.lora import ADAPTER_SUBDIR, save_adapter
+from posttrain.model_heads import is_peft_model
 
 # Loading moved to posttrain.model_loading; these names stay importable from here.
 from posttrain.model_loading import load_model_weights as load_model_weights

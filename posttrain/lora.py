@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -56,13 +55,6 @@ def require_peft() -> ModuleType:
             f"LoRA needs the peft package, which is not installed: {INSTALL_HINT}"
         ) from None
     return peft
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether `model` is a `peft.PeftModel` (without importing peft: none exists unless
-    peft was imported)."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def is_adapter_dir(path: str | os.PathLike[str]) -> bool:

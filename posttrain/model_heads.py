@@ -82,16 +82,17 @@ class LinearHead:
         return self.module.bias
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a `peft.PeftModel`, without importing peft: a PeftModel can only
+    exist once something imported it."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
 def base_causal_lm(model: nn.Module) -> nn.Module:
     """The transformers CausalLM inside a peft `PeftModel` (LoRA layers in place, so its
-    body computes the adapted hidden states); any other model unchanged.
-
-    peft is not imported here: a PeftModel can only exist once something imported it.
-    """
-    peft = sys.modules.get("peft")
-    if peft is not None and isinstance(model, peft.PeftModel):
-        return model.get_base_model()
-    return model
+    body computes the adapted hidden states); any other model unchanged."""
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def find_linear_head(model: nn.Module) -> LinearHead | None:
