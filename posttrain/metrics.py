@@ -212,6 +212,32 @@ BAR_KEYS = ("loss", "eval_loss", "lr", "tokens_per_s")
 STATUS_EVERY_S = 10.0
 
 
+def progress_bar(label: str, stream: IO[str], with_info: bool = False) -> Any:
+    """A rich progress bar for a terminal: `label done/total`, the bar, elapsed and
+    remaining time, and (`with_info`) a task field `info` shown after them."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [
+        TextColumn(f"[bold]{label}"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("<"),
+        TimeRemainingColumn(),
+    ]
+    if with_info:
+        columns.append(TextColumn("{task.fields[info]}"))
+    return Progress(*columns, console=Console(file=stream), transient=False)
+
+
 class ProgressReporter:
     """A rich progress bar on a terminal, a plain line per logged step otherwise.
 
@@ -232,27 +258,7 @@ class ProgressReporter:
             return
         isatty = getattr(self.stream, "isatty", None)
         if callable(isatty) and isatty():
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]step"),
-                MofNCompleteColumn(),
-                BarColumn(),
-                TimeElapsedColumn(),
-                TextColumn("<"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=Console(file=self.stream),
-                transient=False,
-            )
+            self._progress = progress_bar("step", self.stream, with_info=True)
             self._task = self._progress.add_task("train", total=self.total_steps, info="")
             self._progress.start()
 

@@ -107,25 +107,9 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 
         yield plain
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from posttrain.metrics import progress_bar
 
-    bar = Progress(
-        TextColumn("[bold]prompts"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TimeElapsedColumn(),
-        TextColumn("<"),
-        TimeRemainingColumn(),
-        console=Console(file=sys.stderr),
-    )
+    bar = progress_bar("prompts", sys.stderr)
     task = bar.add_task("eval", total=None)
     with bar:
         yield lambda done, total: bar.update(task, completed=done, total=total)
