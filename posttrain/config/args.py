@@ -14,12 +14,11 @@ from posttrain.config.schema import (
     SFTConfig,
     _check_unknown,
     _coerce,
-    _flag,
     _renamed,
     _resume_path,
     load_config,
 )
-from posttrain.config.values import type_name, unwrap_optional
+from posttrain.config.values import flag, type_name, unwrap_optional
 
 
 def _arg_type(name: str) -> typing.Callable[[str], Any]:
@@ -68,7 +67,7 @@ def add_config_arguments(
         _add_field_argument(group, name, shown=only is None or name in only)
     for old, new in RENAMED.items():
         group.add_argument(
-            _flag(old),
+            flag(old),
             dest=old,
             default=argparse.SUPPRESS,
             type=_arg_type(new),
@@ -111,7 +110,7 @@ def _add_field_argument(group: argparse._ArgumentGroup, name: str, shown: bool) 
         kwargs["metavar"] = ("N" if base is int else "X" if base is float else "STR") + (
             "|none" if optional else ""
         )
-    group.add_argument(_flag(name), **kwargs)
+    group.add_argument(flag(name), **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, only: Collection[str] | None = None) -> SFTConfig:

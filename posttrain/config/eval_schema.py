@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from posttrain.config.schema import _flag, key_hint, load_config
-from posttrain.config.values import coerce_value, type_name, unwrap_optional
+from posttrain.config.schema import key_hint, load_config
+from posttrain.config.values import coerce_value, flag, prepare_fields, type_name, unwrap_optional
 
 T = typing.TypeVar("T")
 
@@ -28,23 +28,6 @@ def _f(default: Any, help: str, required: bool = False, metavar: str | None = No
 
 
 # --------------------------------------------------------------------------- the layer
-
-
-def prepare_fields(obj: Any) -> None:
-    """For a config's `__post_init__`: refuse missing required fields, coerce the rest."""
-    types = typing.get_type_hints(type(obj))
-    fields = dataclasses.fields(obj)
-    missing = [
-        f.name for f in fields if f.metadata.get("required") and getattr(obj, f.name) is None
-    ]
-    if missing:
-        flags = ", ".join(_flag(name) for name in missing)
-        raise ValueError(
-            f"missing required setting(s) {', '.join(missing)}: pass {flags} or set them in "
-            "the YAML file given with --config"
-        )
-    for f in fields:
-        setattr(obj, f.name, coerce_value(f.name, types[f.name], getattr(obj, f.name)))
 
 
 def _converter(name: str, tp: Any) -> typing.Callable[[str], Any]:
@@ -101,7 +84,7 @@ def add_dataclass_arguments(
             kwargs["metavar"] = f.metadata.get("metavar") or (
                 {int: "N", float: "X"}.get(base, "STR") + ("|none" * optional)
             )
-        group.add_argument(_flag(f.name), **kwargs)
+        group.add_argument(flag(f.name), **kwargs)
     return parser
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from posttrain.config.values import FALSE, TRUE, coerce_value
+from posttrain.config.values import FALSE, TRUE, coerce_value, flag, prepare_fields
 from posttrain.data.records import DataFormat
 
 logger = logging.getLogger("posttrain")
@@ -144,15 +144,7 @@ class SFTConfig:
     def __post_init__(self) -> None:
         # Checked here rather than only in config_from_dict so that a config built in
         # code (or by dataclasses.replace) is held to the same rules as one from YAML.
-        missing = [name for name in REQUIRED_FIELDS if getattr(self, name) is None]
-        if missing:
-            flags = ", ".join(_flag(name) for name in missing)
-            raise ValueError(
-                f"missing required setting(s) {', '.join(missing)}: pass {flags} or set "
-                "them in the YAML file given with --config"
-            )
-        for name in FIELDS:
-            setattr(self, name, _coerce(name, getattr(self, name)))
+        prepare_fields(self)
         _validate(self)
 
     def data_format(self) -> DataFormat:
@@ -206,10 +198,6 @@ def _coerce(name: str, value: Any) -> Any:
 # --------------------------------------------------------------------------- validation
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _renamed(values: dict[str, Any], source: str | None = None) -> dict[str, Any]:
     """`values` with deprecated keys moved to their new names (each said once)."""
     out = dict(values)
@@ -219,7 +207,7 @@ def _renamed(values: dict[str, Any], source: str | None = None) -> dict[str, Any
         where = f" in {source}" if source else ""
         if new in out:
             raise ValueError(f"both {old!r} and its new name {new!r} are set{where}; keep {new!r}")
-        logger.warning("posttrain: %r%s is deprecated, use %r (%s)", old, where, new, _flag(new))
+        logger.warning("posttrain: %r%s is deprecated, use %r (%s)", old, where, new, flag(new))
         out[new] = out.pop(old)
     return out
 
@@ -242,7 +230,7 @@ def key_hint(
     (`lerning_rate` -> `lr`). None when nothing is close. Names are shown as flags
     (`--lr`) when `as_flag`, else as keys (`'lr'`).
     """
-    show = _flag if as_flag else repr
+    show = flag if as_flag else repr
     key = key.lstrip("-").replace("-", "_").lower()
     hf_names = {old: new for old, new in HF_NAMES.items() if new in known}
     if key in hf_names:

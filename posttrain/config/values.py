@@ -3,6 +3,7 @@ YAML values and flag strings go through (lossless conversions only, clear errors
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import typing
@@ -102,3 +103,25 @@ def coerce_value(name: str, tp: Any, value: Any) -> Any:
             return value
         raise ValueError(f"{name} must be {type_name(tp)}, got {type(value).__name__} {value!r}")
     raise TypeError(f"unsupported config field type for {name}: {tp}")  # a bug in the class
+
+
+def flag(name: str) -> str:
+    """The command-line flag of field `name`: `micro_batch_size` -> `--micro-batch-size`."""
+    return "--" + name.replace("_", "-")
+
+
+def prepare_fields(obj: Any) -> None:
+    """For a config's `__post_init__`: refuse missing required fields, coerce the rest."""
+    types = typing.get_type_hints(type(obj))
+    fields = dataclasses.fields(obj)
+    missing = [
+        f.name for f in fields if f.metadata.get("required") and getattr(obj, f.name) is None
+    ]
+    if missing:
+        flags = ", ".join(flag(name) for name in missing)
+        raise ValueError(
+            f"missing required setting(s) {', '.join(missing)}: pass {flags} or set them in "
+            "the YAML file given with --config"
+        )
+    for f in fields:
+        setattr(obj, f.name, coerce_value(f.name, types[f.name], getattr(obj, f.name)))
