@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -459,3 +460,19 @@ def test_length_grouping_cuts_padding_on_gsm8k(qwen_tokenizer: PreTrainedTokeniz
     lengths = [len(e) for e in examples]
     in_order, grouped = epoch_padding_fractions(lengths, micro_batch_size=8, grad_accum_steps=2)
     assert grouped < in_order / 3, (in_order, grouped)
+
+
+def test_examples_with_nothing_to_train_are_dropped_or_refused(
+    tmp_path: Path, nobos_tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without a BOS, an empty prompt and response is just [EOS]: nothing precedes the
+    # trained token to predict it from, and a micro-batch of such rows is 0 tokens wide.
+    empty = {"prompt": "", "response": ""}
+    only_empty = write_jsonl(tmp_path / "empty.jsonl", [empty])
+    with pytest.raises(ValueError, match=r"no example left to train: .* first .*empty.jsonl:1"):
+        load_dataset_for_training(only_empty, nobos_tokenizer, fmt())
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "Q:", "response": " 4"}, empty])
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        examples, _ = load_dataset_for_training(mixed, nobos_tokenizer, fmt())
+    assert [e.source for e in examples] == [f"{mixed}:1"]
+    assert any(f"{mixed}:2" in r.getMessage() for r in caplog.records)

@@ -9,6 +9,7 @@ template's end-of-turn token, the stop token); posttrain adds no token to a chat
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.records import DataFormat, Record, load_records
 from posttrain.primitives import encode_prompts_and_outputs
+
+logger = logging.getLogger("posttrain")
 
 
 @dataclass
@@ -382,10 +385,16 @@ def tokenize_for_training(
     fmt: DataFormat,
     path: str | os.PathLike[str],
 ) -> tuple[list[TokenizedExample], DataReport]:
-    """`tokenize_records`, refusing a data set that `max_seq_len` leaves empty.
+    """`tokenize_records`, less the examples that train nothing, refusing a data set left
+    empty.
+
+    An example trains nothing when its only trained tokens stand at position 0, where no
+    token precedes them to predict them from: an empty prompt and response without a BOS
+    is just [EOS]. Such examples are dropped with a warning naming the first one (a
+    micro-batch of them alone would be zero tokens wide).
 
     Raises:
-        ValueError: no example left after max_seq_len (naming `path`).
+        ValueError: no example left (naming `path` and why).
     """
     examples, report = tokenize_records(records, tokenizer, fmt, path)
     if not examples:
@@ -393,7 +402,18 @@ def tokenize_for_training(
             f"{path}: all {report.num_records} examples were dropped: longer than "
             f"max_seq_len={fmt.max_seq_len} (truncation={fmt.truncation!r})"
         )
-    return examples, report
+    trainable = [e for e in examples if any(e.loss_mask[1:])]
+    if len(trainable) < len(examples):
+        first = next(e for e in examples if not any(e.loss_mask[1:]))
+        message = (
+            f"{len(examples) - len(trainable)} example(s) have no token to train (nothing "
+            f"before their only trained token; e.g. an empty prompt and response), first "
+            f"{first.source}"
+        )
+        if not trainable:
+            raise ValueError(f"{path}: no example left to train: {message}")
+        logger.warning("%s: dropped %s", path, message)
+    return trainable, report
 
 
 def load_dataset_for_training(
