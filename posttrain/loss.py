@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.model_heads import body_hidden_states, find_linear_head
 from posttrain.ops.fused_nll import FusedNLL, fused_linear_nll
+from posttrain.ops.workspace import Workspace
 from posttrain.primitives import full_logits_log_probs
 
 
@@ -31,6 +32,9 @@ class ResponseLoss(nn.Module):
 
     chunk_size: rows of logits per chunk (None: from the memory budget); matmul_dtype:
     dtype of the head matmuls (None: the weights' dtype, torch.bfloat16 to narrow them).
+    `workspace` keeps the head's chunk buffers and narrowed weight between calls; whoever
+    changes the weights calls its `forget_casts()` (the training loop does, after each
+    optimizer step).
     """
 
     def __init__(
@@ -39,11 +43,13 @@ class ResponseLoss(nn.Module):
         *,
         chunk_size: int | None = None,
         matmul_dtype: torch.dtype | None = None,
+        workspace: Workspace | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.matmul_dtype = matmul_dtype
+        self.workspace = Workspace() if workspace is None else workspace
         # Found once; it holds the head module, so FSDP's parameter swaps are seen.
         self.head = find_linear_head(model)
 
@@ -72,6 +78,7 @@ class ResponseLoss(nn.Module):
                 matmul_dtype=self.matmul_dtype,
                 logit_scale=head.logit_scale,
                 softcap=head.softcap,
+                workspace=self.workspace,
             )
 
     def _full_logits_loss(

@@ -47,6 +47,7 @@ from posttrain.metrics import (
     read_metrics,
 )
 from posttrain.model_loading import load_model_weights, load_pretrained
+from posttrain.ops.workspace import Workspace
 from posttrain.optim import build_optimizer, lr_lambda
 from posttrain.primitives import pad_token_id_of
 from posttrain.resume import (
@@ -105,6 +106,8 @@ class Run:
     plan: EpochPlan
     total_steps: int
     autocast_dtype: torch.dtype | None
+    # The loss's scratch buffers and narrowed head weight, kept between micro-batches.
+    head_workspace: Workspace
     fingerprint: str = ""
     start_step: int = 0
     resumed: bool = False
@@ -245,10 +248,12 @@ def _optimization(
     total_steps: int,
 ) -> dict[str, Any]:
     """The wrapped loss module, the optimizer and the schedule of a run."""
+    workspace = Workspace()
     loss = ResponseLoss(
         model,
         chunk_size=config.loss_chunk_size,
         matmul_dtype=torch.bfloat16 if config.head_matmul_dtype == "bf16" else None,
+        workspace=workspace,
     )
     param_dtype = autocast_dtype if config.strategy == "fsdp" else None
     # FSDP replaces the parameters by shards: the optimizer is built after wrapping.
@@ -263,7 +268,12 @@ def _optimization(
     )
     schedule = lr_lambda(config.lr_scheduler, config.warmup_steps, config.min_lr_ratio, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return {"loss_module": loss_module, "optimizer": optimizer, "scheduler": scheduler}
+    return {
+        "loss_module": loss_module,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "head_workspace": workspace,
+    }
 
 
 def _log_evaluation(config: SFTConfig, num_examples: int) -> None:

@@ -263,6 +263,7 @@ def optimizer_step(run: Run, max_grad_norm: float) -> tuple[float, float]:
     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
+    run.head_workspace.forget_casts()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr

@@ -7,6 +7,7 @@ import torch
 from helpers import grads_of, leaf, make, reference_logits, relative_error
 
 from posttrain.ops.fused_nll import fused_linear_nll
+from posttrain.ops.workspace import Workspace
 
 # --------------------------------------------------------------------------- fused NLL
 
@@ -122,3 +123,46 @@ def test_fused_nll_rejects_bad_input() -> None:
         fused_linear_nll(hidden, weight, None, labels, torch.ones(4))
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_nll(hidden, weight, None, labels, torch.ones(5), chunk_size=0)
+
+
+@pytest.mark.parametrize(
+    ("matmul_dtype", "softcap"),
+    [(None, None), (torch.bfloat16, None), (None, 2.0), (torch.bfloat16, 2.0)],
+)
+def test_fused_nll_workspace_reuse_matches_fresh_buffers(
+    matmul_dtype: torch.dtype | None, softcap: float | None
+) -> None:
+    # One workspace across calls of different sizes, and across an in-place weight
+    # update between them (as an optimizer step makes): every result equals the call
+    # with fresh buffers, bit for bit, and no returned gradient aliases the workspace.
+    ws = Workspace()
+    _, weight, b, _ = make(1, 16, 97, torch.float32, seed=14)
+    kept = []
+    for step, n in enumerate((23, 7, 40, 40)):
+        hidden, _, _, labels = make(n, 16, 97, torch.float32, seed=15 + step)
+        tw = torch.rand(n, generator=torch.Generator().manual_seed(step))
+        results = []
+        for workspace in (None, ws):
+            h, w, bias = leaf(hidden, weight, b)
+            out = fused_linear_nll(
+                h,
+                w,
+                bias,
+                labels,
+                tw,
+                chunk_size=16,
+                matmul_dtype=matmul_dtype,
+                softcap=softcap,
+                workspace=workspace,
+            )
+            results.append((out[:4], grads_of(out.loss, h, w, bias)))
+        (fresh, fresh_grads), (reused, reused_grads) = results
+        for got, want in zip((*reused, *reused_grads), (*fresh, *fresh_grads), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        kept.append([g.clone() for g in reused_grads] + list(reused_grads))
+        with torch.no_grad():
+            weight.add_(0.1 * torch.randn_like(weight))
+    for grads in kept:  # later calls did not write into earlier gradients
+        half = len(grads) // 2
+        for before, returned in zip(grads[:half], grads[half:], strict=True):
+            torch.testing.assert_close(returned, before, rtol=0, atol=0)

@@ -23,9 +23,12 @@ from posttrain.data.tokenized import load_dataset_for_training
 from posttrain.distributed import DistInfo
 from posttrain.loss import ResponseLoss
 from posttrain.offline import tiny_causal_lm
+from posttrain.run_state import prepare_run
 from posttrain.training import (
     TrainingError,
     accumulate_gradients,
+    optimizer_step,
+    step_batches,
     train,
 )
 
@@ -353,3 +356,21 @@ def test_eval_file_alone_is_used_at_the_end_and_announced(
     train(make_config(workdir, tmp_path / "five", max_steps=3, eval_file=str(first_five)))
     five = [json.loads(x) for x in (tmp_path / "five" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in five if "eval_loss" in r] == evals
+
+
+def test_bf16_head_weight_is_cast_once_per_step(workdir, tmp_path) -> None:
+    # The narrowed head weight serves every micro-batch of a step, and is dropped at
+    # the optimizer step so that the next step never sees the old weights.
+    config = make_config(workdir, tmp_path / "run", head_matmul_dtype="bf16", max_steps=2, lr=1e-2)
+    run = prepare_run(config, CPU)
+    for step in range(2):
+        batches = step_batches(run, step, config)
+        assert len(batches) == config.grad_accum_steps
+        accumulate_gradients(run.loss_module, batches, config.loss_normalization, CPU, None)
+        cast = run.head_workspace.cast("head_weight", run.model.lm_head.weight, torch.bfloat16)
+        assert run.head_workspace.is_cached("head_weight")
+        optimizer_step(run, config.max_grad_norm)
+        assert not run.head_workspace.is_cached("head_weight")
+        fresh = run.head_workspace.cast("head_weight", run.model.lm_head.weight, torch.bfloat16)
+        assert not torch.equal(fresh, cast)  # the step changed the weights
+        run.head_workspace.forget_casts()

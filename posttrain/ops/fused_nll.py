@@ -25,6 +25,7 @@ from posttrain.ops.projection import (
 )
 from posttrain.ops.softmax import compute_dtype, softmax_and_lse
 from posttrain.ops.token_ids import check_token_ids
+from posttrain.ops.workspace import Workspace
 
 
 class FusedNLL(NamedTuple):
@@ -87,6 +88,7 @@ def _alloc_grads(
     cdtype: torch.dtype,
     proj: Projector,
     linear: bool,
+    ws: Workspace,
 ) -> _HeadGrads:
     device = hidden.device
     need_h, need_w, need_b = need[0], need[1], need[2] and bias is not None
@@ -95,7 +97,7 @@ def _alloc_grads(
     alloc = torch.empty if linear and hidden.shape[0] > 0 else torch.zeros
     low = None
     if need_w and proj.narrow:
-        low = torch.empty(weight.shape, dtype=proj.mdtype, device=device)
+        low = ws.rows("narrow_weight_grad", *weight.shape, proj.mdtype, device)
     return _HeadGrads(
         hidden=torch.empty_like(hidden) if need_h else None,
         weight=alloc(weight.shape, dtype=cdtype, device=device) if need_w else None,
@@ -202,25 +204,28 @@ def fused_nll_forward(
     spec: HeadSpec,
     matmul_dtype: torch.dtype | None,
     need: tuple[bool, bool, bool],
+    workspace: Workspace | None = None,
 ) -> tuple[_Sums, _HeadGrads]:
     """Loss, statistics and (where `need` says) gradients, chunk by chunk.
 
     hidden: (N, H); labels: (N,) int64; token_weights: (N,). Returns the sums (loss,
     nll, entropy in the compute dtype; correct int64) and the gradient accumulators.
+    The chunk buffers come from `workspace` (fresh ones without).
     """
+    ws = workspace or Workspace()
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     cdtype = compute_dtype(hidden.dtype, weight.dtype)
     device = hidden.device
     rows, softcap = spec.rows, spec.softcap
     w_rows = token_weights.to(cdtype)
     proj = Projector(
-        hidden.dtype, weight, bias, cdtype, rows, spec.logit_scale, softcap, matmul_dtype
+        hidden.dtype, weight, bias, cdtype, rows, spec.logit_scale, softcap, matmul_dtype, ws
     )
     sums = _Sums.zeros(cdtype, device)
-    grads = _alloc_grads(hidden, weight, bias, need, cdtype, proj, linear=softcap is None)
-    buf = torch.empty(rows, vocab, dtype=cdtype, device=device)
-    pbuf = torch.empty_like(buf)
-    tbuf = torch.empty_like(buf) if softcap is not None else None
+    grads = _alloc_grads(hidden, weight, bias, need, cdtype, proj, softcap is None, ws)
+    buf = ws.rows("logits", rows, vocab, cdtype, device)
+    pbuf = ws.rows("probs", rows, vocab, cdtype, device)
+    tbuf = None if softcap is None else ws.rows("tanh", rows, vocab, cdtype, device)
     for r0 in range(0, n_rows, rows):
         r1 = min(r0 + rows, n_rows)
         n = r1 - r0
@@ -264,12 +269,13 @@ class _FusedLinearNLL(torch.autograd.Function):
         spec: HeadSpec,
         matmul_dtype: torch.dtype | None,
         grad_enabled: bool,
+        workspace: Workspace | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # Under no_grad (evaluation) no gradient work is done at all.
         need = tuple(grad_enabled and n for n in ctx.needs_input_grad[:3])
         with torch.autocast(hidden.device.type, enabled=False):
             sums, grads = fused_nll_forward(
-                hidden, weight, bias, labels, token_weights, spec, matmul_dtype, need
+                hidden, weight, bias, labels, token_weights, spec, matmul_dtype, need, workspace
             )
         ctx.grads = (
             grads.hidden,
@@ -289,7 +295,7 @@ class _FusedLinearNLL(torch.autograd.Function):
             )
         grads, ctx.grads = ctx.grads, None
         scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return (*scaled, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None)
 
 
 def fused_linear_nll(
@@ -304,6 +310,7 @@ def fused_linear_nll(
     softcap: float | None = None,
     matmul_dtype: torch.dtype | None = None,
     budget_bytes: int | None = None,
+    workspace: Workspace | None = None,
 ) -> FusedNLL:
     """Weighted next-token NLL through a linear head, gradients computed in forward.
 
@@ -317,6 +324,9 @@ def fused_linear_nll(
     The returned `loss` backpropagates to hidden, weight and bias; its gradients
     are computed during this call and are exact for the float32 path. Call
     backward through it at most once. Statistics come from the same chunks.
+
+    `workspace` keeps the chunk buffers (and the narrowed weight) for the next call,
+    which on CPU saves their page faults; without one, they are allocated afresh.
     """
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(
@@ -347,5 +357,6 @@ def fused_linear_nll(
         spec,
         matmul_dtype,
         torch.is_grad_enabled(),
+        workspace,
     )
     return FusedNLL(loss, nll_sum, entropy_sum, num_correct, n_rows)

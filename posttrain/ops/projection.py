@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.ops.softmax import DEFAULT_BUDGET_BYTES
+from posttrain.ops.workspace import Workspace
 
 
 def default_chunk_size(
@@ -85,6 +86,7 @@ class Projector:
     vocabulary-sized allocation is a new mmap whose page faults cost as much as
     the arithmetic. When the weight is narrower than the compute dtype (bfloat16),
     the matmul runs in the weight's dtype and the result is upcast into the buffer.
+    With a `workspace`, the narrow buffer and the narrowed weight outlive the call.
     """
 
     def __init__(
@@ -97,7 +99,9 @@ class Projector:
         logit_scale: float,
         softcap: float | None,
         matmul_dtype: torch.dtype | None = None,
+        workspace: Workspace | None = None,
     ) -> None:
+        ws = workspace or Workspace()
         self.cdtype = cdtype
         # Narrow matmuls only when both operands are narrow (as F.linear would run them);
         # otherwise the weight is upcast once per call rather than the hidden state narrowed.
@@ -105,14 +109,14 @@ class Projector:
         self.mdtype = weight.dtype if narrow and hidden_dtype == weight.dtype else cdtype
         if matmul_dtype is not None:
             self.mdtype = matmul_dtype
-        self.weight = weight.to(self.mdtype)
+        self.weight = ws.cast("head_weight", weight, self.mdtype)
         self.bias = None if bias is None else bias.to(self.mdtype)
         self.scale = logit_scale
         self.softcap = softcap
         vocab = weight.shape[0]
         self.low = None
         if self.mdtype != cdtype:
-            self.low = torch.empty(rows, vocab, dtype=self.mdtype, device=weight.device)
+            self.low = ws.rows("narrow_chunk", rows, vocab, self.mdtype, weight.device)
 
     @property
     def narrow(self) -> bool:
