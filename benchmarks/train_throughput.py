@@ -164,12 +164,11 @@ def prepare(workdir: Path, data: Path, cases: list[str]) -> dict[str, int]:
 # --------------------------------------------------------------------------- the runs
 
 
-def run_posttrain(workdir: Path, case: str, threads: int, bf16_head: bool, out_dir: Path) -> dict:
-    """One `posttrain.training.train` run; returns in-process timings."""
+def posttrain_config(workdir: Path, case: str, threads: int, bf16_head: bool, out_dir: Path) -> Any:
+    """The `SFTConfig` of the posttrain runs (also profiled by train_profile.py)."""
     from posttrain.config import SFTConfig
-    from posttrain.training import train
 
-    config = SFTConfig(
+    return SFTConfig(
         model=str(workdir / case / "model"),
         train_file=str(workdir / "train.jsonl"),
         output_dir=str(out_dir),
@@ -187,7 +186,13 @@ def run_posttrain(workdir: Path, case: str, threads: int, bf16_head: bool, out_d
         overwrite=True,
         save_every=0,
     )
-    result = train(config)
+
+
+def run_posttrain(workdir: Path, case: str, threads: int, bf16_head: bool, out_dir: Path) -> dict:
+    """One `posttrain.training.train` run; returns in-process timings."""
+    from posttrain.training import train
+
+    result = train(posttrain_config(workdir, case, threads, bf16_head, out_dir))
     return {"train_loop_s": round(result.train_seconds, 2), "final_loss": result.final_loss}
 
 

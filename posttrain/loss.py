@@ -65,9 +65,13 @@ class ResponseLoss(nn.Module):
         if self.head is None:
             return self._full_logits_loss(input_ids, attention_mask, labels, weights, positions)
         head = self.head
-        hidden = body_hidden_states(self.model, input_ids, attention_mask)
+        with torch.profiler.record_function("posttrain.body"):
+            hidden = body_hidden_states(self.model, input_ids, attention_mask)
         # The head's precision is set by matmul_dtype, not by an outer autocast.
-        with torch.autocast(hidden.device.type, enabled=False):
+        with (
+            torch.autocast(hidden.device.type, enabled=False),
+            torch.profiler.record_function("posttrain.head"),
+        ):
             return fused_linear_nll(
                 hidden[positions],
                 head.weight,

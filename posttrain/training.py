@@ -135,6 +135,9 @@ def _train(config: SFTConfig, info: DistInfo) -> TrainResult:
                 metrics.log(done, row)
                 progress.update(done, row)
             if generation_eval and due(done, config.eval_generate_every, run.total_steps):
+                # Generation's caches need the memory more than the next step needs to
+                # skip the page faults of fresh loss buffers.
+                run.head_workspace.release()
                 row = run_generation_eval(
                     generation_eval,
                     run.model,
