@@ -221,3 +221,29 @@ def test_get_response_log_probs_falls_back_for_unknown_models(
     got = get_response_log_probs(custom, ids, ids, True)
     want = get_response_log_probs(tiny_llama, ids, ids, True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_body_without_padding_takes_the_causal_attention_kernel(
+    tiny_qwen2: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A micro-batch without padding must reach SDPA with no mask and is_causal=True (its
+    # fast kernel); only a padded one carries a mask.
+    import torch.nn.functional as F
+
+    seen: list[tuple[bool, bool]] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask") is None, bool(kwargs.get("is_causal"))))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, tiny_qwen2.config.vocab_size, (2, 9))
+    model_heads.body_hidden_states(tiny_qwen2, ids, torch.ones_like(ids))
+    layers = tiny_qwen2.config.num_hidden_layers
+    assert seen == [(True, True)] * layers
+    padded = torch.ones_like(ids)
+    padded[0, -3:] = 0
+    seen.clear()
+    model_heads.body_hidden_states(tiny_qwen2, ids, padded)
+    assert seen == [(False, False)] * layers
