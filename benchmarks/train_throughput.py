@@ -71,11 +71,15 @@ SEED = 0
 CASES: dict[str, dict[str, Any]] = {
     "vocab": {
         "description": "qwen2 h256 l4 v151936 tied, Qwen2.5 tokenizer",
-        "targets": {"min_speedup": 3.0, "max_memory_ratio": 0.4},
+        # Issue 16: 3.5x fp32, 4.5x with the bf16 head, at most 0.4x the guide's memory.
+        "targets": {
+            "min_speedup": {"posttrain": 3.5, "posttrain_bf16": 4.5},
+            "max_memory_ratio": 0.4,
+        },
     },
     "body": {
         "description": "llama h512 l8 v8192, BPE tokenizer trained on the pairs",
-        "targets": {"min_speedup": 1.3},
+        "targets": {"min_speedup": {"posttrain": 1.3, "posttrain_bf16": 1.3}},
     },
 }
 RUNS = ("guide", "posttrain", "posttrain_bf16")
@@ -373,7 +377,7 @@ def main() -> None:
                     continue
                 speedup = row["tokens_per_s"] / guide["tokens_per_s"]
                 memory = row["peak_rss_mb"] / guide["peak_rss_mb"]
-                met = speedup >= targets["min_speedup"]
+                met = speedup >= targets["min_speedup"][run]
                 if "max_memory_ratio" in targets:
                     met = met and memory <= targets["max_memory_ratio"]
                 summary[run] = {
