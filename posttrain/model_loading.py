@@ -100,32 +100,35 @@ def load_pretrained(
     in: a plain transformers model. A run directory's final/ that holds only adapter/
     (trained with --no-merge-lora) loads that adapter. posttrain never downloads: a path
     that is not one of these is a ValueError naming it, raised before transformers would
-    try the hub.
+    try the hub. The tokenizer loads first, so that its errors come before the weights.
     """
-    return _load(_model_dir(model_dir), dtype, depth=0)
+    chain = model_chain(model_dir)
+    tokenizer = load_tokenizer_of(chain)
+    return load_model(chain, dtype), tokenizer
 
 
-def _load(path: Path, dtype: torch.dtype | None, depth: int) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
+def model_chain(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The directories a model is made of: its base model directory (config.json) first,
+    then each adapter merged into it, the one `model_dir` names last. ValueError for a
+    path that is neither, or an adapter whose base is not a directory here."""
+    path = _model_dir(model_dir)
+    adapters: list[Path] = []
+    while not (path / "config.json").is_file():
+        if is_adapter_dir(path / ADAPTER_SUBDIR):
+            path = path / ADAPTER_SUBDIR
+        if not is_adapter_dir(path):
+            raise ValueError(
+                f"{str(path)!r} has no config.json: expected a Hugging Face model directory "
+                "such as RUN_DIR/final, or a LoRA adapter directory (adapter_config.json)"
+            )
+        if len(adapters) >= _MAX_ADAPTER_DEPTH:
+            raise ValueError(f"{path}: adapters on adapters deeper than {len(adapters)} (a loop?)")
+        adapters.append(path)
+        path = _adapter_base(path)
+    return [path, *reversed(adapters)]
 
-    if (path / "config.json").is_file():
-        tokenizer = load_tokenizer(path)
-        with quiet_hf_progress():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-        return model, tokenizer
-    if is_adapter_dir(path / ADAPTER_SUBDIR):
-        path = path / ADAPTER_SUBDIR
-    if is_adapter_dir(path):
-        return _load_adapter(path, dtype, depth)
-    raise ValueError(
-        f"{str(path)!r} has no config.json: expected a Hugging Face model directory such as "
-        "RUN_DIR/final, or a LoRA adapter directory (adapter_config.json)"
-    )
 
-
-def _load_adapter(adapter_dir: Path, dtype: torch.dtype | None, depth: int) -> tuple[Any, Any]:
-    """The adapter's base model with the adapter merged in, and the adapter's tokenizer
-    (the base's when the adapter directory has none)."""
+def _adapter_base(adapter_dir: Path) -> Path:
     base = adapter_base_path(adapter_dir)
     if base is None or not Path(base).is_dir():
         where = f"base model {base!r}" if base else "no base model (base_model_name_or_path)"
@@ -134,16 +137,32 @@ def _load_adapter(adapter_dir: Path, dtype: torch.dtype | None, depth: int) -> t
             "machine (posttrain never downloads): put the base model there, or set "
             f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'} to its path"
         )
-    if depth >= _MAX_ADAPTER_DEPTH:
-        raise ValueError(f"{adapter_dir}: adapters on adapters deeper than {depth} (a loop?)")
-    model, tokenizer = _load(_model_dir(base), dtype, depth + 1)
-    if any(_has_tokenizer_files(adapter_dir, pattern) for pattern in _TOKENIZER_FILES):
-        tokenizer = load_tokenizer(adapter_dir)
+    return Path(base)
+
+
+def load_tokenizer_of(model: str | os.PathLike[str] | list[Path]) -> Any:
+    """The tokenizer of a model or adapter directory (or of its `model_chain`): the last
+    adapter's that has tokenizer files, else the base model's. Loads no weights."""
+    chain = model if isinstance(model, list) else model_chain(model)
+    for path in reversed(chain[1:]):
+        if any(_has_tokenizer_files(path, pattern) for pattern in _TOKENIZER_FILES):
+            return load_tokenizer(path)
+    return load_tokenizer(chain[0])
+
+
+def load_model(model: str | os.PathLike[str] | list[Path], dtype: torch.dtype | None = None) -> Any:
+    """The model of a model or adapter directory (or of its `model_chain`): the base
+    model with each adapter merged in, in order. `dtype` None keeps the saved dtype."""
+    from transformers import AutoModelForCausalLM
+
+    chain = model if isinstance(model, list) else model_chain(model)
     with quiet_hf_progress():
-        model = merge_adapter(attach_adapter(model, adapter_dir))
-    # peft froze the base to attach the adapter; from_pretrained models are trainable.
-    model.requires_grad_(True)
-    return model, tokenizer
+        loaded = AutoModelForCausalLM.from_pretrained(chain[0], dtype=dtype or "auto")
+        for adapter_dir in chain[1:]:
+            loaded = merge_adapter(attach_adapter(loaded, adapter_dir))
+            # peft froze the base to attach the adapter; from_pretrained models train.
+            loaded.requires_grad_(True)
+    return loaded
 
 
 def _weight_files(ckpt_dir: Path) -> list[Path]:

@@ -46,7 +46,12 @@ from posttrain.metrics import (
     METRICS_FILE,
     read_metrics,
 )
-from posttrain.model_loading import load_model_weights, load_pretrained
+from posttrain.model_loading import (
+    load_model,
+    load_model_weights,
+    load_tokenizer_of,
+    model_chain,
+)
 from posttrain.ops.workspace import Workspace
 from posttrain.optim import build_optimizer, lr_lambda
 from posttrain.primitives import pad_token_id_of
@@ -125,16 +130,10 @@ def prepare_run(config: SFTConfig, info: DistInfo) -> Run | TrainResult:
     if config.lora_r:
         require_peft()  # before anything slow: a missing package is one line, at once
     out = _output_dir(config, info)
-    torch.manual_seed(config.seed)
-    # fp32 master weights whatever the checkpoint's dtype; autocast does the bf16 compute.
-    model, tokenizer = load_pretrained(config.model, dtype=torch.float32)
-    if config.lora_r:
-        # After the base weights, before DDP/FSDP wrap it and the optimizer sees it; here,
-        # so that a target module that matches nothing is reported before the data loads.
-        lora = LoraSettings(
-            config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
-        )
-        model = apply_lora(model, lora, str(Path(config.model).resolve()), log=info.is_main)
+    chain = model_chain(config.model)
+    # The weights load only once the run is known to have work to do: resuming a
+    # finished run answers at once.
+    tokenizer = load_tokenizer_of(chain)
     train_examples, eval_examples = _load_data(config, tokenizer, info)
     plan = epoch_plan(train_examples, config, info, epoch=0)
     total_steps = config.max_steps or math.ceil(config.epochs * len(plan))
@@ -145,6 +144,7 @@ def prepare_run(config: SFTConfig, info: DistInfo) -> Run | TrainResult:
         raise ValueError(point)
     if point.finished:
         return _finished_result(out, total_steps, info)
+    model = _load_model(chain, config, info)
     if info.is_main:
         log_data_plan(train_examples, plan, total_steps, config, info.world_size)
         _log_evaluation(config, len(eval_examples))
@@ -177,6 +177,19 @@ def prepare_run(config: SFTConfig, info: DistInfo) -> Run | TrainResult:
     if point.checkpoint is not None:
         restore(run, point.checkpoint)
     return run
+
+
+def _load_model(chain: list[Path], config: SFTConfig, info: DistInfo) -> PreTrainedModel:
+    """fp32 master weights whatever the checkpoint's dtype (autocast does the bf16
+    compute), with LoRA adapters attached when asked, before DDP/FSDP wrap the model."""
+    torch.manual_seed(config.seed)
+    model = load_model(chain, dtype=torch.float32)
+    if config.lora_r:
+        lora = LoraSettings(
+            config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
+        )
+        model = apply_lora(model, lora, str(Path(config.model).resolve()), log=info.is_main)
+    return model
 
 
 def _load_data(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,19 @@ def test_resuming_a_finished_run_does_nothing(finished, capsys) -> None:
     said = capsys.readouterr().out
     assert "already finished (6 steps): nothing to do" in said and "nan" not in said
     assert snapshot(out) == before
+
+
+def test_resuming_a_finished_run_loads_no_weights(workdir: Path, tmp_path: Path) -> None:
+    # The answer comes from the tokenizer, the data and the run directory: a model whose
+    # weights are gone (or would take minutes to load) is never read.
+    model = tmp_path / "model"
+    shutil.copytree(workdir / "model", model)
+    out = tmp_path / "run"
+    config = SFTConfig(**{**make_config(workdir, out, max_steps=2).__dict__, "model": str(model)})
+    train(config)
+    (model / "model.safetensors").unlink()
+    result = train(resumed(config))
+    assert result.already_finished and result.steps == 2
 
 
 @pytest.mark.parametrize("max_steps", [3, 9])
