@@ -140,22 +140,20 @@ def _adapter_base(adapter_dir: Path) -> Path:
     return Path(base)
 
 
-def load_tokenizer_of(model: str | os.PathLike[str] | list[Path]) -> Any:
-    """The tokenizer of a model or adapter directory (or of its `model_chain`): the last
-    adapter's that has tokenizer files, else the base model's. Loads no weights."""
-    chain = model if isinstance(model, list) else model_chain(model)
+def load_tokenizer_of(chain: list[Path]) -> Any:
+    """The tokenizer of a `model_chain`: the last adapter's that has tokenizer files, else
+    the base model's. Loads no weights."""
     for path in reversed(chain[1:]):
         if any(_has_tokenizer_files(path, pattern) for pattern in _TOKENIZER_FILES):
             return load_tokenizer(path)
     return load_tokenizer(chain[0])
 
 
-def load_model(model: str | os.PathLike[str] | list[Path], dtype: torch.dtype | None = None) -> Any:
-    """The model of a model or adapter directory (or of its `model_chain`): the base
-    model with each adapter merged in, in order. `dtype` None keeps the saved dtype."""
+def load_model(chain: list[Path], dtype: torch.dtype | None = None) -> Any:
+    """The model of a `model_chain`: the base model with each adapter merged in, in
+    order. `dtype` None keeps the saved dtype."""
     from transformers import AutoModelForCausalLM
 
-    chain = model if isinstance(model, list) else model_chain(model)
     with quiet_hf_progress():
         loaded = AutoModelForCausalLM.from_pretrained(chain[0], dtype=dtype or "auto")
         for adapter_dir in chain[1:]:

@@ -51,11 +51,11 @@ def test_tokenizer_comes_from_the_last_adapter_that_has_one(workdir: Path, tmp_p
         shutil.copy(workdir / "model" / name, base / name)
     plain = adapter(tmp_path / "plain", base)
     with pytest.raises(ValueError, match="no tokenizer files"):
-        load_tokenizer_of(plain)
+        load_tokenizer_of(model_chain(plain))
     with_tokenizer = adapter(tmp_path / "with", plain)
     for path in (workdir / "model").glob("tokenizer*"):
         shutil.copy(path, with_tokenizer / path.name)
     on_top = adapter(tmp_path / "top", with_tokenizer)
-    tokenizer = load_tokenizer_of(on_top)
+    tokenizer = load_tokenizer_of(model_chain(on_top))
     assert Path(tokenizer.name_or_path) == with_tokenizer
     assert len(tokenizer) > 10

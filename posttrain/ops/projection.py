@@ -83,8 +83,8 @@ class Projector:
     """Writes chunk logits, in the compute dtype, into a reused buffer.
 
     Reusing buffers across chunks (via `out=`) matters on CPU: every fresh
-    vocabulary-sized allocation is a new mmap whose page faults cost a good
-    fraction of the arithmetic. When the weight is narrower than the compute dtype (bfloat16),
+    vocabulary-sized allocation is a new mmap whose page faults cost a good fraction
+    of the arithmetic. When the weight is narrower than the compute dtype (bfloat16),
     the matmul runs in the weight's dtype and the result is upcast into the buffer.
     With a `workspace`, the narrow buffer and the narrowed weight outlive the call.
     """

@@ -2,10 +2,9 @@
 
 On CPU every fresh vocabulary-sized tensor is a new mmap whose page faults the first
 write pays for: about 40 ms for a 256 x 151,936 float32 chunk (155 MB) here, a fifth of
-the matmul that fills it. A
-`Workspace` owned by the caller (the training loss) keeps the chunk buffers between
-calls and keeps the narrowed copy of the head weight between the micro-batches of an
-optimizer step. Without one, every call allocates afresh and frees on return.
+the matmul that fills it. A `Workspace` owned by the caller (the training loss) keeps the
+chunk buffers between calls and keeps the narrowed copy of the head weight between the
+micro-batches of an optimizer step. Without one, every call allocates afresh and frees on return.
 """
 
 from __future__ import annotations
