@@ -12,10 +12,10 @@ prints one JSON object:
   `torch.mm` of the same shape into a reused output here, right after the run;
 * the head's other work (softmax, statistics, casts), and the final save and plot.
 
-The loop here drives one optimizer step the way `training.accumulate_gradients` and
-`training.optimizer_step` do, split so that forward and backward are timed apart. The
-profiler adds some overhead; compare shares, and take whole-run speed from
-train_throughput.py.
+The loop here calls the training loop's own phases (`training.step_batches`,
+`accumulate_gradients`, `optimizer_step`); backward is what `accumulate_gradients` spends
+outside the body and head forward ranges. The profiler adds some overhead; compare
+shares, and take whole-run speed from train_throughput.py.
 
 Usage (after train_throughput.py has prepared --workdir):
     python benchmarks/train_profile.py --workdir DIR [--case vocab] [--bf16-head]
@@ -43,7 +43,6 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 from train_throughput import posttrain_config  # noqa: E402
 
 from posttrain.distributed import init_distributed  # noqa: E402
-from posttrain.loss import loss_weights, step_denominator  # noqa: E402
 from posttrain.run_state import prepare_run  # noqa: E402
 
 
@@ -61,12 +60,15 @@ def run_loop(run: Any, config: Any) -> dict[str, float]:
 
     for step in range(run.start_step, run.total_steps):
         batches = timed("batches", training.step_batches, run, step, config)
-        denominator = step_denominator(batches, config.loss_normalization, info)
-        for batch in batches:
-            weights = loss_weights(batch["response_mask"], config.loss_normalization, denominator)
-            args = (batch["input_ids"], batch["attention_mask"], batch["labels"], weights)
-            out = timed("forward", run.loss_module, *args)
-            timed("backward", out.loss.backward)
+        timed(
+            "forward_and_backward",
+            training.accumulate_gradients,
+            run.loss_module,
+            batches,
+            config.loss_normalization,
+            info,
+            run.autocast_dtype,
+        )
         timed("optimizer", training.optimizer_step, run, config.max_grad_norm)
     return seconds
 
@@ -134,6 +136,7 @@ def main() -> None:
     mm_dtype = torch.bfloat16 if args.bf16_head else torch.float32
     for row in matmuls[:4]:
         row["gflops_plain_mm"] = round(plain_mm_gflops(*row["shape"], mm_dtype), 1)
+    body_s = totals.get("posttrain.body", 0.0)
     head_s = totals.get("posttrain.head", 0.0)
     head_mm_s = sum(r["seconds"] for r in matmuls)
     report = {
@@ -147,12 +150,13 @@ def main() -> None:
         "loop_s": round(loop_s, 2),
         "phases_s": {k: round(v, 2) for k, v in phases.items()},
         "forward_s": {
-            "body": round(totals.get("posttrain.body", 0.0), 2),
+            "body": round(body_s, 2),
             # The fused loss computes the head's gradients in forward.
             "head_loss_and_gradients": round(head_s, 2),
             "head_matmuls": round(head_mm_s, 2),
             "head_other_softmax_stats_casts": round(head_s - head_mm_s, 2),
         },
+        "backward_s": round(phases["forward_and_backward"] - body_s - head_s, 2),
         "optimizer_fused_adamw_s": round(totals.get("aten::_fused_adamw_", 0.0), 2),
         "finish_save_and_plot_s": round(finish_s, 2),
         "head_matmuls": matmuls[:6],
