@@ -14,8 +14,8 @@ from typing import Any
 def vocab_case_model(max_position_embeddings: int = 2048, seed: int = 0) -> Any:
     """The "vocab" benchmark model: Qwen2, hidden 256, 4 layers, the real 151,936-entry
     Qwen2.5 vocabulary, tied embeddings (as in Qwen2.5-0.5B), random float32 weights.
-    Its tokenizer is `posttrain.offline.build_qwen_tokenizer()`."""
-    from posttrain.offline import QWEN25_VOCAB_SIZE, tiny_causal_lm
+    Its tokenizer is `posttrain.models.tiny.build_qwen_tokenizer()`."""
+    from posttrain.models.tiny import QWEN25_VOCAB_SIZE, tiny_causal_lm
 
     return tiny_causal_lm(
         "qwen2",

@@ -1,4 +1,4 @@
-"""Batched generation throughput: `posttrain.generation.generate` vs one prompt at a time.
+"""Batched generation throughput: `posttrain.generation.decode.generate` vs one prompt at a time.
 
 Both paths generate greedily, up to `--max-new-tokens` (64) new tokens per prompt,
 stopping at EOS, from GSM8K test questions (the `question` field of `--data`, the
@@ -69,7 +69,7 @@ def read_questions(path: Path, count: int) -> list[str]:
 
 def build_model_and_tokenizer() -> tuple[Any, Any]:
     """train_throughput's "vocab" case, built in memory."""
-    from posttrain.offline import build_qwen_tokenizer
+    from posttrain.models.tiny import build_qwen_tokenizer
 
     return vocab_case_model(MAX_POSITIONS, seed=0).eval(), build_qwen_tokenizer()
 
@@ -119,7 +119,7 @@ def run_engine(
     model: Any, tokenizer: Any, prompts: list[str], batch_size: int, args: Any
 ) -> dict[str, Any]:
     """Time one `generate` call over every prompt; its row, with the samples' ids."""
-    from posttrain.generation import generate
+    from posttrain.generation.decode import generate
 
     samples, seconds = _timed(
         lambda: generate(
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from posttrain.generation import generate
+    from posttrain.generation.decode import generate
 
     torch.set_num_threads(args.threads)
     prompts = read_questions(args.data, args.num_prompts)

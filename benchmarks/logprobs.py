@@ -85,7 +85,7 @@ def worker(args: argparse.Namespace) -> dict:
     """Run one path in this process and return its measurements."""
     import torch
 
-    from posttrain.offline import QWEN25_VOCAB_SIZE
+    from posttrain.models.tiny import QWEN25_VOCAB_SIZE
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     model = vocab_case_model().to(device)

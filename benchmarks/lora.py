@@ -1,7 +1,7 @@
 """Full fine-tuning vs LoRA (r=16, all-linear) through posttrain's `train()`: memory, speed.
 
 Both runs of a case fine-tune the same saved model on the same data with the same
-settings, `posttrain.training.train(SFTConfig(...))` in fp32, one epoch; the LoRA run adds
+settings, `posttrain.sft.train.train(SFTConfig(...))` in fp32, one epoch; the LoRA run adds
 `lora_r=16` (alpha 32, dropout 0.05, every linear layer of the body; the embeddings and
 the output head stay frozen). Each run is a fresh Python process started by this script.
 
@@ -109,7 +109,7 @@ def _heavy_rows(pairs: list[dict[str, str]], n: int) -> list[dict[str, str]]:
 
 
 def _build_model(case: str, model_dir: Path, pairs: list[dict[str, str]]) -> None:
-    from posttrain.offline import (
+    from posttrain.models.tiny import (
         build_qwen_tokenizer,
         tiny_causal_lm,
         train_bpe_tokenizer,
@@ -139,7 +139,7 @@ def prepare(workdir: Path, data: Path, cases: list[str]) -> dict[str, int]:
     non-padding tokens of one epoch, as posttrain tokenizes and truncates them)."""
     from posttrain.config import SFTConfig
     from posttrain.data.tokenized import load_dataset_for_training
-    from posttrain.model_loading import load_tokenizer
+    from posttrain.models.loading import load_tokenizer
 
     pairs = _read_pairs(data, max(CASES[c]["examples"] for c in cases))
     counts = {}
@@ -225,8 +225,8 @@ def run_one(
 ) -> dict[str, Any]:
     """One `train()` run in this process (the epoch, or its first `max_steps`), with the
     memory probe around its loop."""
-    import posttrain.run_state as run_state
-    import posttrain.training as training
+    import posttrain.engine.run as run_state
+    import posttrain.sft.train as training
     from posttrain.config import SFTConfig
 
     probe = MemoryProbe()

@@ -4,7 +4,7 @@ Runs the same configuration as `train_throughput.py --run posttrain` (same model
 micro-batch 4 x accumulation 2, 15 steps) in this process, under `torch.profiler`, and
 prints one JSON object:
 
-* start-up: `import torch`, `import posttrain.training` (transformers with it), then the
+* start-up: `import torch`, `import posttrain.sft.train` (transformers with it), then the
   tokenizer and model loads and tokenization (`prepare_run`, which also plans the epoch);
 * the loop: forward of the body and of the loss head (the `posttrain.body` /
   `posttrain.head` profiler ranges in `ResponseLoss`), backward, optimizer step;
@@ -29,7 +29,7 @@ _T0 = time.perf_counter()
 import torch  # noqa: E402
 
 _T_TORCH = time.perf_counter()
-import posttrain.training as training  # noqa: E402
+import posttrain.sft.train as training  # noqa: E402
 
 _T_POSTTRAIN = time.perf_counter()
 
@@ -42,8 +42,8 @@ from typing import Any  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 from train_throughput import posttrain_config  # noqa: E402
 
-from posttrain.distributed import init_distributed  # noqa: E402
-from posttrain.run_state import prepare_run  # noqa: E402
+from posttrain.common.distributed import init_distributed  # noqa: E402
+from posttrain.engine.run import prepare_run  # noqa: E402
 
 
 def run_loop(run: Any, config: Any) -> dict[str, float]:

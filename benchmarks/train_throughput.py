@@ -13,7 +13,7 @@ included; its peak resident set size is the kernel's `ru_maxrss` for that child.
   `log_softmax` + `gather`, entropy on every micro-batch),
   `sft_microbatch_train_step`, plain `torch.optim.AdamW`, `loss.item()` per
   micro-batch, `save_pretrained` at the end.
-* posttrain: `posttrain.training.train(SFTConfig(...))`, fp32 (length grouping,
+* posttrain: `posttrain.sft.train.train(SFTConfig(...))`, fp32 (length grouping,
   loss on response positions only through the fused chunked loss, fused AdamW,
   gradient clipping at 1.0, metrics file and plot, atomic final save).
 * posttrain_bf16: the same with `head_matmul_dtype="bf16"` (bf16 output-projection
@@ -111,7 +111,7 @@ def prepare(workdir: Path, data: Path, cases: list[str]) -> dict[str, int]:
     """
     from posttrain.config import SFTConfig
     from posttrain.data.tokenized import load_dataset_for_training
-    from posttrain.offline import (
+    from posttrain.models.tiny import (
         build_qwen_tokenizer,
         tiny_causal_lm,
         train_bpe_tokenizer,
@@ -193,8 +193,8 @@ def posttrain_config(workdir: Path, case: str, threads: int, bf16_head: bool, ou
 
 
 def run_posttrain(workdir: Path, case: str, threads: int, bf16_head: bool, out_dir: Path) -> dict:
-    """One `posttrain.training.train` run; returns in-process timings."""
-    from posttrain.training import train
+    """One `posttrain.sft.train.train` run; returns in-process timings."""
+    from posttrain.sft.train import train
 
     result = train(posttrain_config(workdir, case, threads, bf16_head, out_dir))
     return {"train_loop_s": round(result.train_seconds, 2), "final_loss": result.final_loss}

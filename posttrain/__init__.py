@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from posttrain import _moved
+
+_moved.install()
+
 # Public name -> the module that defines it.
 _EXPORTS = {
     "compute_entropy": "posttrain.primitives",

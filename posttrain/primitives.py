@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from posttrain.model_heads import body_hidden_states, find_linear_head, model_vocab_size
+from posttrain.models.heads import body_hidden_states, find_linear_head, model_vocab_size
 from posttrain.ops.full_logits import entropy_from_logits, log_probs_from_logits
 from posttrain.ops.linear_log_probs import chunked_log_probs
 from posttrain.ops.token_ids import check_token_ids
@@ -234,7 +234,7 @@ def get_response_log_probs(
     """Per-token log p(label | prefix) from a causal LM, unmasked.
 
     By default the (batch, seq, vocab) logits are never built: when the model's head
-    is a plain linear projection (`posttrain.model_heads.find_linear_head`), log-probs and
+    is a plain linear projection (`posttrain.models.heads.find_linear_head`), log-probs and
     entropy are computed chunk by chunk through it, with exact gradients; other
     models fall back, with one log line, to the full-logits path.
 

@@ -9,7 +9,7 @@ import torch
 from helpers import reverse_task, write_jsonl
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from posttrain.offline import build_qwen_tokenizer, tiny_causal_lm, train_bpe_tokenizer
+from posttrain.models.tiny import build_qwen_tokenizer, tiny_causal_lm, train_bpe_tokenizer
 
 CORPUS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",

@@ -152,7 +152,7 @@ def resume(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def past_checkpoint(out: Path, name: str) -> bool:
     """Whether the run in `out` has a complete checkpoint at or after `name` (step-NNNNNN)."""
-    from posttrain.checkpoints import latest_checkpoint
+    from posttrain.engine.checkpoints import latest_checkpoint
 
     latest = latest_checkpoint(out)
     return latest is not None and latest.name >= name

@@ -8,8 +8,8 @@ from typing import ClassVar
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-import posttrain.answer_eval as answer_eval
-from posttrain.answer_eval import (
+import posttrain.evaluation.answers as answer_eval
+from posttrain.evaluation.answers import (
     SAMPLE_FIELDS,
     evaluate_answers,
     format_summary_table,
@@ -17,8 +17,8 @@ from posttrain.answer_eval import (
     summarize_samples,
     write_generations,
 )
-from posttrain.generation import Sample, generate
-from posttrain.prompts import chat_prompt_ids
+from posttrain.generation.decode import Sample, generate
+from posttrain.generation.prompts import chat_prompt_ids
 from posttrain.rewards import RewardError, exact_reward
 
 PROMPTS = [

@@ -17,10 +17,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from posttrain import checkpoints as ckpt
 from posttrain.config import SFTConfig
-from posttrain.offline import tiny_causal_lm
-from posttrain.rng_state import restore_rng_state
+from posttrain.engine import checkpoints as ckpt
+from posttrain.engine.rng_state import restore_rng_state
+from posttrain.models.tiny import tiny_causal_lm
 
 CFG = SFTConfig(model="models/tiny", train_file="train.jsonl", keep_last=2, max_steps=4)
 

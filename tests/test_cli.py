@@ -156,11 +156,11 @@ def test_first_matplotlib_import_prints_nothing(tmp_path: Path) -> None:
 
         threading.Timer = FireNow
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-        # Only posttrain.metrics and posttrain.jsonl: the package's __init__ imports torch.
+        # Only the metrics and JSONL modules: the package's __init__ imports torch.
         package = types.ModuleType("posttrain")
         package.__path__ = [sys.argv[1]]
         sys.modules["posttrain"] = package
-        from posttrain.metrics import plot_metrics
+        from posttrain.engine.metrics import plot_metrics
 
         out = Path(sys.argv[2])
         (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.001}\\n')
@@ -224,7 +224,7 @@ def test_help_and_config_errors_never_import_torch(argv: list[str]) -> None:
 def test_generate_stops_at_the_chat_end_of_turn_token(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import posttrain.generation as generation
+    import posttrain.generation.decode as generation
 
     seen: dict[str, object] = {}
 

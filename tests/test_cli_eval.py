@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from posttrain.answer_eval import SAMPLE_FIELDS
 from posttrain.cli.main import main
+from posttrain.evaluation.answers import SAMPLE_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_KEYS = {
@@ -91,7 +91,7 @@ def test_eval_writes_the_summary_and_generations(workdir, data, tmp_path, capsys
 
 
 def test_template_chat_and_stops_reach_the_engine(workdir, data, tmp_path, monkeypatch) -> None:
-    import posttrain.answer_eval as answer_eval
+    import posttrain.evaluation.answers as answer_eval
 
     calls: list[dict[str, Any]] = []
 
@@ -118,7 +118,7 @@ def test_template_chat_and_stops_reach_the_engine(workdir, data, tmp_path, monke
 def test_a_yaml_config_fills_the_settings_and_flags_override(
     workdir, data, tmp_path, monkeypatch
 ) -> None:
-    import posttrain.answer_eval as answer_eval
+    import posttrain.evaluation.answers as answer_eval
 
     seen: list[dict[str, Any]] = []
     monkeypatch.setattr(
@@ -143,7 +143,7 @@ def test_a_yaml_config_fills_the_settings_and_flags_override(
     ],
 )
 def test_eval_config_values_are_coerced(values, expected) -> None:
-    from posttrain.config.eval_schema import EvalConfig, dataclass_from_dict
+    from posttrain.config.eval import EvalConfig, dataclass_from_dict
 
     cfg = dataclass_from_dict(EvalConfig, {"model": "m", "data": "d", "reward": "r", **values})
     assert {key: getattr(cfg, key) for key in expected} == expected
@@ -162,7 +162,7 @@ def test_eval_config_values_are_coerced(values, expected) -> None:
     ],
 )
 def test_eval_config_errors_name_the_setting(values, message) -> None:
-    from posttrain.config.eval_schema import EvalConfig, dataclass_from_dict
+    from posttrain.config.eval import EvalConfig, dataclass_from_dict
 
     with pytest.raises(ValueError, match=message):
         dataclass_from_dict(
@@ -172,7 +172,7 @@ def test_eval_config_errors_name_the_setting(values, message) -> None:
 
 @pytest.fixture(scope="module")
 def no_eos_model(workdir: Path, tmp_path_factory) -> Path:
-    from posttrain.checkpoints import load_pretrained
+    from posttrain.engine.checkpoints import load_pretrained
 
     path = tmp_path_factory.mktemp("no_eos")
     model, tokenizer = load_pretrained(workdir / "model")

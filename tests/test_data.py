@@ -28,7 +28,7 @@ from posttrain.data.tokenized import (
     load_dataset_for_training,
     tokenize_records,
 )
-from posttrain.offline import train_bpe_tokenizer
+from posttrain.models.tiny import train_bpe_tokenizer
 from posttrain.primitives import pad_token_id_of, tokenize_prompt_and_output
 
 # A small corpus for tokenizers built inside a test (to set their EOS or template).

@@ -14,8 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from posttrain.cli.main import main
 from posttrain.data.batching import collate, padding_fraction, plan_batches, rank_micro_batches
 from posttrain.data.records import Record, load_records
-from posttrain.data.tokenized import encode_records
-from posttrain.data_report import (
+from posttrain.data.report import (
     RICH_STYLES,
     boundary_warning,
     compute_stats,
@@ -25,6 +24,7 @@ from posttrain.data_report import (
     render_plain,
     render_rich,
 )
+from posttrain.data.tokenized import encode_records
 from posttrain.primitives import pad_token_id_of
 
 GSM8K_RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.cli.main import main
-from posttrain.demo import MARKER_FILE, prepare_output_dir, run_demo, train_char_tokenizer
-from posttrain.demo_task import (
+from posttrain.demo.run import MARKER_FILE, prepare_output_dir, run_demo, train_char_tokenizer
+from posttrain.demo.task import (
     MAX_LETTERS,
     MIN_LETTERS,
     PROMPT_PREFIX,
@@ -20,7 +20,7 @@ from posttrain.demo_task import (
     make_reversal_examples,
     reversal_prompt,
 )
-from posttrain.generation import greedy_generate
+from posttrain.generation.decode import greedy_generate
 
 # Long enough for accuracy to climb far above the untrained model's ~0% (about 60-70%
 # at 150 steps; the full demo runs 400), short enough for about 30 s on two busy cores.

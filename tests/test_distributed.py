@@ -100,7 +100,7 @@ def _worker(jobs_file: str) -> int:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, llama_tokenizer) -> Path:
     """Two saved tiny Llamas (untied, and tied embeddings) and train/eval files."""
-    from posttrain.offline import tiny_causal_lm
+    from posttrain.models.tiny import tiny_causal_lm
 
     root = tmp_path_factory.mktemp("distributed")
     vocab = len(llama_tokenizer)
@@ -191,7 +191,7 @@ def two_ranks(workdir) -> dict[str, Any]:
 def single_process_run(workdir: Path, strategy: str, out: Path, **overrides: Any) -> Path:
     """The same global batch (8) in one process: micro-batches of 4 instead of 2."""
     from posttrain.config import SFTConfig
-    from posttrain.training import train
+    from posttrain.sft.train import train
 
     settings = base_settings(workdir, MODELS[strategy], out)
     settings.update(micro_batch_size=4, strategy=strategy, **overrides)
@@ -306,7 +306,7 @@ def test_fewer_examples_than_ranks_is_explained(two_ranks) -> None:
 
 
 def test_config_differences_name_the_settings() -> None:
-    from posttrain.distributed import config_differences
+    from posttrain.common.distributed import config_differences
 
     assert config_differences({"lr": 1.0, "seed": 0}, {"lr": 1.0, "seed": 0}) == []
     assert config_differences({"lr": 1.0, "seed": 0}, {"lr": 2.0, "seed": 0}) == ["lr: 1.0 != 2.0"]

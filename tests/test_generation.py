@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from posttrain.generation import Sample, generate, greedy_generate, logits_entropy
-from posttrain.offline import tiny_causal_lm
+from posttrain.generation.decode import Sample, generate, greedy_generate, logits_entropy
+from posttrain.models.tiny import tiny_causal_lm
 
 # Mixed lengths, so every batch of more than one prompt is left-padded.
 PROMPTS = [

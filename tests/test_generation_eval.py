@@ -12,7 +12,7 @@ from helpers import make_config
 
 from posttrain.cli.main import main
 from posttrain.config import SFTConfig
-from posttrain.training import train
+from posttrain.sft.train import train
 
 
 def test_sft_logs_accuracy_and_matches_posttrain_eval(workdir, tmp_path, caplog) -> None:
@@ -84,7 +84,7 @@ def test_generation_eval_input_errors_come_before_training(workdir, tmp_path) ->
 
 
 def test_plot_shows_held_out_accuracy(tmp_path: Path) -> None:
-    from posttrain.metrics import plot_metrics, plot_panels, read_metrics
+    from posttrain.engine.metrics import plot_metrics, plot_panels, read_metrics
 
     lines = [{"step": s, "loss": 3.0 / s, "lr": 1e-3} for s in range(1, 5)]
     lines += [{"step": 2, "eval_accuracy": 0.25}, {"step": 4, "eval_accuracy": 0.75}]

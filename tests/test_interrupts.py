@@ -11,7 +11,7 @@ import torch
 from helpers import make_config, resume, sft_command, start_until
 from safetensors.torch import load_file
 
-from posttrain.training import train
+from posttrain.sft.train import train
 
 SETTINGS = {"max_steps": 40, "micro_batch_size": 8, "grad_accum_steps": 1, "save_every": 0}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.common.jsonl import read_jsonl, write_jsonl
 from posttrain.data.records import DataFormat, load_records
-from posttrain.jsonl import read_jsonl, write_jsonl
 
 # The start of a gzip file: what a compressed data set renamed to .jsonl looks like.
 BINARY = b"\x1f\x8b\x08\x00\xd1\x9c\xffe\x02\xff\xd1\x00\x00"

@@ -11,45 +11,31 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "posttrain"
 
-# Each module's layer; a module imports only from its own layer or lower ones, and never
-# in a cycle. ops <- model heads <- primitives / losses / rewards <- training, evaluation
-# <- the demo <- cli. A new module must be placed here.
+# Each folder's layer; a module imports only from its own layer or lower ones, and never
+# in a cycle: ops and common <- models, data, generation, rewards (and the guide's
+# primitives and RL losses) <- configs and evaluation <- the engine <- the methods (one
+# folder each) <- the demo <- the CLI. A new folder (or top-level module) is placed here.
 LAYERS: dict[str, int] = {
     "posttrain.ops": 0,
-    "posttrain.jsonl": 0,
-    "posttrain.rng_state": 0,
-    "posttrain.run_dir": 0,
-    "posttrain.offline": 0,
-    "posttrain.cli.common": 0,
-    "posttrain.model_heads": 1,
-    "posttrain.primitives": 2,
-    "posttrain.rl": 2,
-    "posttrain.rewards": 2,
-    "posttrain.data": 3,
-    "posttrain.distributed": 3,
-    "posttrain.loss": 3,
-    "posttrain.optim": 3,
-    "posttrain.metrics": 3,
-    "posttrain.config": 3,
-    "posttrain.checkpoints": 3,
-    "posttrain.model_loading": 3,
-    "posttrain.lora": 3,
-    "posttrain.data_report": 3,
-    "posttrain.resume": 3,
-    "posttrain.interrupts": 3,
-    "posttrain.prompts": 3,
-    "posttrain.generation": 4,
-    "posttrain.evaluation": 4,
-    "posttrain.generation_eval": 4,
-    "posttrain.answer_eval": 4,
-    "posttrain.training": 4,
-    "posttrain.run_state": 4,
+    "posttrain.common": 0,
+    "posttrain.models": 1,
+    "posttrain.primitives": 1,
+    "posttrain.rl": 1,
+    "posttrain.data": 1,
+    "posttrain.generation": 1,
+    "posttrain.rewards": 1,
+    "posttrain.config": 2,
+    "posttrain.evaluation": 2,
+    "posttrain.engine": 3,
+    "posttrain.sft": 4,
     "posttrain.demo": 5,
-    "posttrain.demo_task": 0,
     "posttrain.cli": 6,
+    "posttrain._moved": 0,
     "posttrain": 7,  # the package's __init__: the public API re-exports
     "posttrain.__main__": 7,
 }
+# Training methods: each is a folder on the engine; none imports another's modules.
+METHODS = ("posttrain.sft",)
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
 
@@ -175,3 +161,27 @@ def test_files_and_functions_are_short() -> None:
 def test_no_module_shadows_the_standard_library() -> None:
     shadowing = [name for name in modules() if name.rpartition(".")[2] in sys.stdlib_module_names]
     assert not shadowing, shadowing
+
+
+def test_methods_never_import_each_other() -> None:
+    crossing = []
+    for name, path in modules().items():
+        own = next((m for m in METHODS if name == m or name.startswith(m + ".")), None)
+        if own is None:
+            continue
+        for target in imports_of(path, name):
+            other = next((m for m in METHODS if target == m or target.startswith(m + ".")), None)
+            if other is not None and other != own:
+                crossing.append(f"{name} imports {target}")
+    assert not crossing, "\n".join(crossing)
+
+
+def test_nothing_imports_the_cli() -> None:
+    importers = [
+        f"{name} imports {target}"
+        for name, path in modules().items()
+        if not name.startswith("posttrain.cli") and name != "posttrain.__main__"
+        for target in imports_of(path, name)
+        if target.startswith("posttrain.cli")
+    ]
+    assert not importers, "\n".join(importers)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import grads_of, leaf, make, reference, relative_error
 
-from posttrain.offline import QWEN25_VOCAB_SIZE
+from posttrain.models.tiny import QWEN25_VOCAB_SIZE
 from posttrain.ops.linear_log_probs import chunked_log_probs
 from posttrain.ops.projection import default_chunk_size
 

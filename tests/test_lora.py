@@ -17,13 +17,14 @@ from helpers import make_config, past_checkpoint, resume, sft_command, start_unt
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.checkpoints import checkpoint_dir, latest_checkpoint
 from posttrain.cli.main import main
+from posttrain.common.distributed import DistInfo
 from posttrain.config import SFTConfig
 from posttrain.data.batching import collate, plan_batches, rank_micro_batches
 from posttrain.data.tokenized import load_dataset_for_training
-from posttrain.distributed import DistInfo
-from posttrain.lora import (
+from posttrain.engine.checkpoints import checkpoint_dir, latest_checkpoint
+from posttrain.models.loading import load_pretrained
+from posttrain.models.lora import (
     LoraSettings,
     PeftUnavailable,
     apply_lora,
@@ -31,11 +32,10 @@ from posttrain.lora import (
     require_peft,
     resolve_target_modules,
 )
-from posttrain.loss import ResponseLoss
-from posttrain.model_loading import load_pretrained
-from posttrain.offline import tiny_causal_lm
+from posttrain.models.policy import ResponseLoss
+from posttrain.models.tiny import tiny_causal_lm
 from posttrain.primitives import get_response_log_probs, lean_response_log_probs
-from posttrain.training import TrainingError, accumulate_gradients, train
+from posttrain.sft.train import TrainingError, accumulate_gradients, train
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 BODY_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

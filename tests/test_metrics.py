@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from posttrain.config import SFTConfig, config_to_dict
-from posttrain.metrics import (
+from posttrain.engine.metrics import (
     MetricsLogger,
     ProgressReporter,
     peak_rss_bytes,

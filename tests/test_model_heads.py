@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
-from posttrain import model_heads, primitives
-from posttrain.model_heads import find_linear_head
+from posttrain import primitives
+from posttrain.models import heads as model_heads
+from posttrain.models.heads import find_linear_head
 from posttrain.primitives import lean_response_log_probs
 
 # --------------------------------------------------------------------------- models

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.model_loading import load_tokenizer_of, model_chain
+from posttrain.models.loading import load_tokenizer_of, model_chain
 
 
 def adapter(path: Path, base: Path | str) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from posttrain.prompts import (
+from posttrain.generation.prompts import (
     BUILTIN_TEMPLATES,
     PromptTemplate,
     build_prompts,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from helpers import make_config
 
-from posttrain.checkpoints import checkpoint_dir, final_step
 from posttrain.cli.main import main
 from posttrain.config import SFTConfig
-from posttrain.training import train
+from posttrain.engine.checkpoints import checkpoint_dir, final_step
+from posttrain.sft.train import train
 
 
 def snapshot(out: Path) -> dict[str, bytes]:

@@ -15,16 +15,16 @@ from helpers import make_config, past_checkpoint, resume, sft_command, start_unt
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.checkpoints import latest_checkpoint
 from posttrain.cli.main import main
+from posttrain.common.distributed import DistInfo
 from posttrain.config import SFTConfig
 from posttrain.data.batching import collate, plan_batches, rank_micro_batches
 from posttrain.data.tokenized import load_dataset_for_training
-from posttrain.distributed import DistInfo
-from posttrain.loss import ResponseLoss
-from posttrain.offline import tiny_causal_lm
-from posttrain.run_state import prepare_run
-from posttrain.training import (
+from posttrain.engine.checkpoints import latest_checkpoint
+from posttrain.engine.run import prepare_run
+from posttrain.models.policy import ResponseLoss
+from posttrain.models.tiny import tiny_causal_lm
+from posttrain.sft.train import (
     TrainingError,
     accumulate_gradients,
     optimizer_step,
@@ -336,7 +336,7 @@ def test_glued_prompts_and_responses_are_warned_about_at_start(workdir, tmp_path
 def test_eval_file_alone_is_used_at_the_end_and_announced(
     workdir, tmp_path, caplog, capsys, monkeypatch
 ) -> None:
-    monkeypatch.setattr("posttrain.metrics.STATUS_EVERY_S", 0.0)
+    monkeypatch.setattr("posttrain.engine.metrics.STATUS_EVERY_S", 0.0)
     eval_file = workdir / "eval.jsonl"
     config = make_config(
         workdir, tmp_path / "run", max_steps=3, eval_file=str(eval_file), eval_limit=5

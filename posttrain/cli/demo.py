@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from posttrain.demo_task import DEFAULT_MAX_STEPS, DEFAULT_OUTPUT_DIR
+from posttrain.demo.task import DEFAULT_MAX_STEPS, DEFAULT_OUTPUT_DIR
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.demo import format_summary, run_demo
+    from posttrain.demo.run import format_summary, run_demo
 
     summary = run_demo(
         output_dir=args.output_dir,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from posttrain.config.eval_schema import EvalConfig, add_dataclass_arguments, dataclass_from_args
+from posttrain.config.eval import EvalConfig, add_dataclass_arguments, dataclass_from_args
 
 ARTIFACTS = ("summary.json", "generations.jsonl")
 NUM_EXAMPLES = 3
@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_model(cfg: EvalConfig, info: Any) -> tuple[Any, Any]:
     import torch
 
-    from posttrain.checkpoints import load_pretrained
-    from posttrain.generation import resolve_device
+    from posttrain.engine.checkpoints import load_pretrained
+    from posttrain.generation.decode import resolve_device
 
     # Under torchrun each rank uses the device init_distributed gave it.
     device = info.device if info.is_distributed else resolve_device(cfg.device)
@@ -71,7 +71,7 @@ def _stop_token_ids(cfg: EvalConfig, model: Any, tokenizer: Any) -> list[int]:
 def _main_first(info: Any, step: Callable[[], None]) -> None:
     """Run `step` on rank 0 only; a failure there stops every rank with its message
     (the others would otherwise wait in the first collective for ever)."""
-    from posttrain.distributed import broadcast_object
+    from posttrain.common.distributed import broadcast_object
 
     error: Exception | None = None
     if info.is_main:
@@ -107,7 +107,7 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 
         yield plain
         return
-    from posttrain.metrics import progress_bar
+    from posttrain.engine.metrics import progress_bar
 
     bar = progress_bar("prompts", sys.stderr)
     task = bar.add_task("eval", total=None)
@@ -116,7 +116,7 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from posttrain.answer_eval import format_summary_table, format_value
+    from posttrain.evaluation.answers import format_summary_table, format_value
 
     if not sys.stdout.isatty():
         print(format_summary_table(summary))
@@ -156,10 +156,10 @@ def _print_examples(samples: list[dict[str, Any]]) -> None:
 
 
 def _evaluate(cfg: EvalConfig, info: Any) -> Any:
-    from posttrain.answer_eval import evaluate_answers, load_eval_data
-    from posttrain.prompts import build_prompts, load_template
+    from posttrain.engine.run_dir import prepare_output_dir
+    from posttrain.evaluation.answers import evaluate_answers, load_eval_data
+    from posttrain.generation.prompts import build_prompts, load_template
     from posttrain.rewards import get_reward_fn
-    from posttrain.run_dir import prepare_output_dir
 
     # Every input is checked before the model is loaded, which can take minutes.
     template = load_template(cfg.prompt_template)
@@ -196,8 +196,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(EvalConfig, args, command="posttrain eval")
     from pathlib import Path
 
-    from posttrain.answer_eval import write_generations
-    from posttrain.distributed import init_distributed, shutdown
+    from posttrain.common.distributed import init_distributed, shutdown
+    from posttrain.evaluation.answers import write_generations
 
     info = init_distributed()
     try:

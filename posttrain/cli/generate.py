@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.data.tokenized import end_of_turn_token_ids
-    from posttrain.generation import generate, load_model_and_tokenizer
+    from posttrain.generation.decode import generate, load_model_and_tokenizer
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

@@ -77,9 +77,8 @@ def _plot_path(args: argparse.Namespace, data_path: str) -> Path | None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from posttrain.checkpoints import load_tokenizer
     from posttrain.data.records import load_records
-    from posttrain.data_report import (
+    from posttrain.data.report import (
         compute_stats,
         example_views,
         format_stats,
@@ -89,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         write_html,
         write_length_histogram,
     )
+    from posttrain.engine.checkpoints import load_tokenizer
     from posttrain.primitives import pad_token_id_of
 
     if args.num_examples < 0:

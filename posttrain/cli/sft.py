@@ -38,7 +38,7 @@ def check_paths(config: SFTConfig) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_paths(config)
-    from posttrain.training import TrainingInterrupted, train
+    from posttrain.sft.train import TrainingInterrupted, train
 
     try:
         result = train(config)

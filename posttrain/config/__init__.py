@@ -10,8 +10,8 @@ Precedence: dataclass defaults < YAML file (`--config FILE`) < explicit CLI flag
 `schema` holds the dataclass, its checks and its YAML form; `args` its flags.
 """
 
-from posttrain.config.args import add_config_arguments, config_from_args
-from posttrain.config.schema import (
+from posttrain.config.flags import add_config_arguments, config_from_args
+from posttrain.config.sft import (
     FIELDS,
     HF_NAMES,
     RENAMED,

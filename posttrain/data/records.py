@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.jsonl import read_jsonl
+from posttrain.common.jsonl import read_jsonl
 
 # The response field recognised when the configured one is absent and left at default.
 _DEFAULT_RESPONSE_FIELD = "response"

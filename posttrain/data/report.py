@@ -26,6 +26,7 @@ import torch
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.common.plotting import quiet_font_cache
 from posttrain.data.batching import collate, epoch_padding_fractions
 from posttrain.data.records import DataFormat, Record
 from posttrain.data.tokenized import (
@@ -37,7 +38,6 @@ from posttrain.data.tokenized import (
     end_of_turn_token_ids,
     stop_token_ids,
 )
-from posttrain.metrics import quiet_font_cache
 from posttrain.primitives import encode_prompts_and_outputs
 
 PERCENTILES = (50, 90, 95, 99)

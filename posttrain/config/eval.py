@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from posttrain.config.schema import key_hint, load_config
+from posttrain.config.sft import key_hint, load_config
 from posttrain.config.values import coerce_value, flag, prepare_fields, type_name, unwrap_optional
 
 T = typing.TypeVar("T")

@@ -18,21 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from posttrain.checkpoints import CHECKPOINTS_DIR, FINAL_DIR, load_trainer_state
-from posttrain.config import SFTConfig, config_to_dict
-from posttrain.data.batching import (
-    EpochPlan,
-    epoch_padding_fractions,
-    plan_batches,
-)
-from posttrain.data.records import load_records
-from posttrain.data.tokenized import (
-    TokenizedExample,
-    load_dataset_for_training,
-    tokenize_for_training,
-)
-from posttrain.data_report import boundary_warning
-from posttrain.distributed import (
+from posttrain.common.distributed import (
     DistInfo,
     barrier,
     broadcast_object,
@@ -40,29 +26,43 @@ from posttrain.distributed import (
     load_optimizer_state,
     wrap_model,
 )
-from posttrain.lora import LoraSettings, apply_lora, load_adapter_weights, require_peft
-from posttrain.loss import ResponseLoss
-from posttrain.metrics import (
+from posttrain.config import SFTConfig, config_to_dict
+from posttrain.data.batching import (
+    EpochPlan,
+    epoch_padding_fractions,
+    plan_batches,
+)
+from posttrain.data.records import load_records
+from posttrain.data.report import boundary_warning
+from posttrain.data.tokenized import (
+    TokenizedExample,
+    load_dataset_for_training,
+    tokenize_for_training,
+)
+from posttrain.engine.checkpoints import CHECKPOINTS_DIR, FINAL_DIR, load_trainer_state
+from posttrain.engine.metrics import (
     METRICS_FILE,
     read_metrics,
 )
-from posttrain.model_loading import (
-    load_model,
-    load_model_weights,
-    load_tokenizer_of,
-    model_chain,
-)
-from posttrain.ops.workspace import Workspace
-from posttrain.optim import build_optimizer, lr_lambda
-from posttrain.primitives import pad_token_id_of
-from posttrain.resume import (
+from posttrain.engine.optim import build_optimizer, lr_lambda
+from posttrain.engine.resume import (
     ResumePoint,
     check_resume_settings,
     data_fingerprint,
     find_resume_point,
 )
-from posttrain.rng_state import restore_rng_state
-from posttrain.run_dir import check_output_dir, prepare_output_dir
+from posttrain.engine.rng_state import restore_rng_state
+from posttrain.engine.run_dir import check_output_dir, prepare_output_dir
+from posttrain.models.loading import (
+    load_model,
+    load_model_weights,
+    load_tokenizer_of,
+    model_chain,
+)
+from posttrain.models.lora import LoraSettings, apply_lora, load_adapter_weights, require_peft
+from posttrain.models.policy import ResponseLoss
+from posttrain.ops.workspace import Workspace
+from posttrain.primitives import pad_token_id_of
 
 logger = logging.getLogger("posttrain")
 

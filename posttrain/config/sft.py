@@ -1,6 +1,6 @@
 """`SFTConfig`, the settings of a run: types, checks, and their YAML form.
 
-Every value, from a YAML file, a flag (`posttrain.config.args`) or code, goes through the
+Every value, from a YAML file, a flag (`posttrain.config.flags`) or code, goes through the
 same type checks and range checks; unknown keys are rejected with the name to use.
 """
 

@@ -1,7 +1,7 @@
 """The demo's task, as data: word reversal ("Reverse the word: daczsb =" -> "bszcad").
 
 Torch-free, so that `posttrain demo --help` and the task's tests start fast; the run
-itself (tokenizer, model, training, scoring) is `posttrain.demo`.
+itself (tokenizer, model, training, scoring) is `posttrain.demo.run`.
 
 Word reversal was chosen because a tiny model learns it reliably for every seed: each
 answer character is a copy of one prompt character, found by position, which two

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from posttrain.distributed import unwrap_model
-from posttrain.lora import (
+from posttrain.common.distributed import unwrap_model
+from posttrain.models.lora import (
     ADAPTER_SUBDIR,
     adapter_base_path,
     attach_adapter,

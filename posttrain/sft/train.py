@@ -18,19 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from posttrain.checkpoints import (
-    FINAL_DIR,
-    checkpoint_dir,
-    latest_checkpoint,
-    save_checkpoint,
-    save_final_model,
-)
-from posttrain.config import SFTConfig, config_to_dict
-from posttrain.data.batching import (
-    collate,
-    rank_micro_batches,
-)
-from posttrain.distributed import (
+from posttrain.common.devices import autocast, to_device
+from posttrain.common.distributed import (
     DistInfo,
     barrier,
     full_model_state_dict,
@@ -39,23 +28,35 @@ from posttrain.distributed import (
     is_fsdp,
     shutdown,
 )
-from posttrain.evaluation import autocast, evaluate_loss, to_device
-from posttrain.generation_eval import GenerationEval, prepare_generation_eval, run_generation_eval
-from posttrain.interrupts import StopRequest
-from posttrain.loss import StepStats, loss_weights, step_denominator
-from posttrain.metrics import (
+from posttrain.config import SFTConfig, config_to_dict
+from posttrain.data.batching import (
+    collate,
+    rank_micro_batches,
+)
+from posttrain.engine.checkpoints import (
+    FINAL_DIR,
+    checkpoint_dir,
+    latest_checkpoint,
+    save_checkpoint,
+    save_final_model,
+)
+from posttrain.engine.interrupts import StopRequest
+from posttrain.engine.metrics import (
     METRICS_FILE,
     MetricsLogger,
     ProgressReporter,
     plot_metrics,
 )
-from posttrain.run_state import (
+from posttrain.engine.run import (
     PLOT_FILE,
     Run,
     TrainResult,
     epoch_plan,
     prepare_run,
 )
+from posttrain.evaluation.held_out_loss import evaluate_loss
+from posttrain.evaluation.hooks import GenerationEval, prepare_generation_eval, run_generation_eval
+from posttrain.models.policy import StepStats, loss_weights, step_denominator
 
 logger = logging.getLogger("posttrain")
 

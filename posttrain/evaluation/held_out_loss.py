@@ -6,22 +6,13 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from posttrain.common.devices import autocast, to_device
+from posttrain.common.distributed import DistInfo, unwrap_model
 from posttrain.data.batching import collate
 from posttrain.data.tokenized import TokenizedExample
-from posttrain.distributed import DistInfo, unwrap_model
-from posttrain.loss import StepStats
-
-
-def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """Every tensor of a collated batch on `device` (non-blocking copies)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """Autocast to `dtype` on `device`, or a disabled autocast when `dtype` is None."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+from posttrain.models.policy import StepStats
 
 
 @torch.no_grad()

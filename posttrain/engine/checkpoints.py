@@ -24,9 +24,9 @@ therefore leaves either no `step-*` directory or a complete one: `latest_checkpo
 only returns directories that carry the marker, and stale temporary directories
 are removed by the next successful save.
 
-Weights are restored with `posttrain.model_loading.load_model_weights` (or
+Weights are restored with `posttrain.models.loading.load_model_weights` (or
 `AutoModelForCausalLM.from_pretrained` on the checkpoint directory), an adapter's with
-`posttrain.lora.load_adapter_weights`; everything else with `load_trainer_state` and
+`posttrain.models.lora.load_adapter_weights`; everything else with `load_trainer_state` and
 `restore_rng_state`. Only the main process should call the save functions.
 """
 
@@ -44,17 +44,17 @@ from typing import Any
 
 import torch
 
+from posttrain.common.distributed import unwrap_model
 from posttrain.config import SFTConfig, config_from_dict, save_config
-from posttrain.distributed import unwrap_model
-from posttrain.lora import ADAPTER_SUBDIR, save_adapter
-from posttrain.model_heads import is_peft_model
+from posttrain.engine.rng_state import collect_rng_state
+from posttrain.models.heads import is_peft_model
 
-# Loading moved to posttrain.model_loading; these names stay importable from here.
-from posttrain.model_loading import load_model_weights as load_model_weights
-from posttrain.model_loading import load_pretrained as load_pretrained
-from posttrain.model_loading import load_tokenizer as load_tokenizer
-from posttrain.model_loading import quiet_hf_progress
-from posttrain.rng_state import collect_rng_state
+# Loading moved to posttrain.models.loading; these names stay importable from here.
+from posttrain.models.loading import load_model_weights as load_model_weights
+from posttrain.models.loading import load_pretrained as load_pretrained
+from posttrain.models.loading import load_tokenizer as load_tokenizer
+from posttrain.models.loading import quiet_hf_progress
+from posttrain.models.lora import ADAPTER_SUBDIR, save_adapter
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"

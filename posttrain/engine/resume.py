@@ -12,16 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.checkpoints import (
+from posttrain.common.distributed import config_differences
+from posttrain.config import config_to_dict
+from posttrain.engine.checkpoints import (
     final_step,
     is_complete,
     latest_checkpoint,
     load_checkpoint_config,
     load_trainer_state,
 )
-from posttrain.config import config_to_dict
-from posttrain.distributed import config_differences
-from posttrain.lora import is_adapter_dir
+from posttrain.models.lora import is_adapter_dir
 
 logger = logging.getLogger("posttrain")
 

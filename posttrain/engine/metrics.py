@@ -14,19 +14,18 @@ read). Lines are flushed as they are written, so the file can be followed live.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
-import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from posttrain.jsonl import read_jsonl
+from posttrain.common.jsonl import read_jsonl
+from posttrain.common.plotting import quiet_font_cache
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -304,23 +303,6 @@ class ProgressReporter:
 
 
 # --------------------------------------------------------------------------- plot
-
-
-@contextlib.contextmanager
-def quiet_font_cache() -> Iterator[None]:
-    """Wrap the first import of matplotlib: hush its font-cache messages.
-
-    In a fresh environment that import builds the font cache and logs "generated new
-    fontManager" (and, after 5 s, "Matplotlib is building the font cache"), which the
-    CLI's INFO logging would print into the middle of a run's output.
-    """
-    font_logger = logging.getLogger("matplotlib.font_manager")
-    level = font_logger.level
-    font_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        font_logger.setLevel(level)
 
 
 def _series(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:

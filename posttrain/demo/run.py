@@ -1,8 +1,8 @@
 """`posttrain demo`: the whole tool, end to end, on a CPU in a few minutes with no download.
 
-It writes the word-reversal task of `posttrain.demo_task` as JSONL, trains a
+It writes the word-reversal task of `posttrain.demo.task` as JSONL, trains a
 character-level tokenizer on it, builds a ~0.5M-parameter Llama with random weights,
-fine-tunes it with `posttrain.training.train` (the code path of `posttrain sft`), and
+fine-tunes it with `posttrain.sft.train.train` (the code path of `posttrain sft`), and
 scores held-out exact-match accuracy by greedy generation before, during and after
 training, through the evaluation path of `posttrain eval` (`answer_eval`, reward `exact`).
 """
@@ -21,12 +21,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from posttrain import run_dir
-from posttrain.answer_eval import EvalResult, evaluate_answers
-from posttrain.checkpoints import quiet_hf_progress
+from posttrain.common.jsonl import read_jsonl, write_jsonl
 from posttrain.config import SFTConfig
 from posttrain.data.tokenized import end_of_turn_token_ids
-from posttrain.demo_task import (
+from posttrain.demo.task import (
     DEFAULT_MAX_STEPS,
     DEFAULT_OUTPUT_DIR,
     MAX_LETTERS,
@@ -36,12 +34,14 @@ from posttrain.demo_task import (
     make_reversal_examples,
     reversal_prompt,
 )
-from posttrain.generation import load_model_and_tokenizer
-from posttrain.jsonl import read_jsonl, write_jsonl
-from posttrain.offline import tiny_causal_lm
+from posttrain.engine import run_dir
+from posttrain.engine.checkpoints import quiet_hf_progress
+from posttrain.engine.run import RUN_ARTIFACTS
+from posttrain.evaluation.answers import EvalResult, evaluate_answers
+from posttrain.generation.decode import load_model_and_tokenizer
+from posttrain.models.tiny import tiny_causal_lm
 from posttrain.rewards import get_reward_fn
-from posttrain.run_state import RUN_ARTIFACTS
-from posttrain.training import train
+from posttrain.sft.train import train
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 

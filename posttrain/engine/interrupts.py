@@ -10,7 +10,7 @@ from types import FrameType, TracebackType
 
 import torch
 
-from posttrain.distributed import DistInfo, all_reduce_max
+from posttrain.common.distributed import DistInfo, all_reduce_max
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

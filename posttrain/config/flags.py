@@ -7,7 +7,7 @@ import typing
 from collections.abc import Collection
 from typing import Any, Literal
 
-from posttrain.config.schema import (
+from posttrain.config.sft import (
     _TYPES,
     FIELDS,
     RENAMED,

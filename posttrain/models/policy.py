@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from posttrain.distributed import DistInfo, all_reduce_sum
-from posttrain.model_heads import body_hidden_states, find_linear_head
+from posttrain.common.distributed import DistInfo, all_reduce_sum
+from posttrain.models.heads import body_hidden_states, find_linear_head
 from posttrain.ops.fused_nll import FusedNLL, fused_linear_nll
 from posttrain.ops.workspace import Workspace
 from posttrain.primitives import full_logits_log_probs

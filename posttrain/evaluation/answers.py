@@ -2,10 +2,10 @@
 answers with a reward function, and summarise (accuracy, pass@k, lengths, truncation).
 
 `evaluate_answers` is the library entry point, used by `posttrain eval` and by the
-trainer; the loss-based held-out evaluation lives in `posttrain.evaluation`.
+trainer; the loss-based held-out evaluation lives in `posttrain.evaluation.held_out_loss`.
 
 Results do not depend on the number of ranks. Prompts are sorted by token length and cut
-into batches of `batch_size` exactly as `posttrain.generation.generate` does; batch `b`
+into batches of `batch_size` exactly as `posttrain.generation.decode.generate` does; batch `b`
 is sampled with seed `seed + b` (what `generate` itself uses for it), and under
 torch.distributed rank `r` runs batches r, r + W, r + 2W, ... of the same plan. So one
 process, any number of ranks and a direct `generate(..., seed=seed)` call give the same
@@ -25,10 +25,10 @@ from typing import Any
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from posttrain.common.distributed import DistInfo, is_fsdp, unwrap_model
+from posttrain.common.jsonl import write_jsonl
 from posttrain.data.records import read_rows
-from posttrain.distributed import DistInfo, is_fsdp, unwrap_model
-from posttrain.generation import Sample, batch_order, encode_prompts, generate
-from posttrain.jsonl import write_jsonl
+from posttrain.generation.decode import Sample, batch_order, encode_prompts, generate
 from posttrain.rewards import RewardError, RewardFn, score_responses
 
 # A sample counts as correct when its answer_reward reaches this (built-ins give 0 or 1).
@@ -296,9 +296,9 @@ def evaluate_answers(
     """Generate `n` answers per prompt, score each against its gold answer, summarise.
 
     Prompts are strings (tokenized with the tokenizer's special tokens) or token-id lists
-    used as given (e.g. from `posttrain.prompts.chat_prompt_ids`); `golds[i]` is the
+    used as given (e.g. from `posttrain.generation.prompts.chat_prompt_ids`); `golds[i]` is the
     ground truth `reward_fn(response, gold)` gets for prompt i. Generation settings are
-    those of `posttrain.generation.generate` (temperature 0: greedy, then `n` must be 1).
+    those of `posttrain.generation.decode.generate` (temperature 0: greedy, then `n` must be 1).
 
     With `info.is_distributed`, every rank must call this with the same arguments: each
     generates and scores its share of the batches, the rows are all-gathered, and every

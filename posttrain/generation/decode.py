@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from posttrain.checkpoints import load_pretrained
+from posttrain.models.loading import load_pretrained
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -464,25 +464,3 @@ def greedy_generate(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
     return [s[0].text for s in samples]
-
-
-def exact_match_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    answers: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int = 256,
-) -> tuple[float, list[str]]:
-    """The fraction of greedy completions equal to their answer, and the completions.
-
-    A completion counts only if the model stops (emits EOS) right after the answer:
-    `max_new_tokens` should leave room for the longest answer plus one token.
-    """
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    if not prompts:
-        raise ValueError("no examples to score")
-    completions = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    correct = sum(c == a for c, a in zip(completions, answers, strict=True))
-    return correct / len(prompts), completions

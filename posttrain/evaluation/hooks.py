@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.answer_eval import evaluate_answers, load_eval_data, write_generations
+from posttrain.common.devices import autocast
+from posttrain.common.distributed import DistInfo, is_fsdp
 from posttrain.data.tokenized import end_of_turn_token_ids
-from posttrain.distributed import DistInfo, is_fsdp
-from posttrain.evaluation import autocast
-from posttrain.prompts import build_prompts
+from posttrain.evaluation.answers import evaluate_answers, load_eval_data, write_generations
+from posttrain.generation.prompts import build_prompts
 from posttrain.rewards import RewardFn, get_reward_fn
 
 GENERATIONS_DIR = "generations"
