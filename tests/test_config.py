@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -318,3 +319,89 @@ def test_resume_flag_forms_still_work() -> None:
     cfg = _resolve([*_required_flags(), "--resume", "runs/x/checkpoints/step-000010"])
     assert cfg.resume is True and cfg.resume_from == "runs/x/checkpoints/step-000010"
     assert _resolve([*_required_flags(), "--resume", "--no-resume"]).resume is False
+
+
+# --------------------------------------------------------------------------- the one layer
+
+
+def test_config_modules_import_no_private_names_from_each_other() -> None:
+    """One flag/YAML layer (`config.spec`) serves every config: no module reaches into
+    another's private helpers, as the SFT flags once did with five of config/sft.py's."""
+    import ast
+
+    import posttrain.config
+
+    folder = Path(posttrain.config.__file__).parent
+    private = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("posttrain"):
+                private += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
+
+
+def test_sft_config_from_python_suggests_the_posttrain_name() -> None:
+    from posttrain.config import UnknownSettingError
+
+    with pytest.raises(
+        TypeError, match="SFTConfig has no setting 'learning_rate': posttrain calls it 'lr'"
+    ):
+        SFTConfig(**REQUIRED, learning_rate=1e-4)
+    # Also a ValueError, as every other config error, so the command line reports it in one line.
+    with pytest.raises(ValueError, match=r"'micro_batch': did you mean 'micro_batch_size'\?"):
+        SFTConfig(**REQUIRED, micro_batch=2)
+    with pytest.raises(UnknownSettingError, match="renamed 'loss_chunk_size'"):
+        SFTConfig(**REQUIRED, logprob_chunk_size=8)
+    # Known keywords, and dataclasses.replace, are untouched.
+    assert dataclasses.replace(SFTConfig(**REQUIRED), lr=1e-3).lr == 1e-3
+
+
+def test_a_new_config_reuses_the_layer_in_a_few_lines(tmp_path: Path) -> None:
+    from posttrain.config import ConfigSpec
+
+    def setting(default: object, help: str, required: bool = False) -> object:
+        return dataclasses.field(default=default, metadata={"help": help, "required": required})
+
+    @dataclasses.dataclass
+    class GRPOLike:
+        model: str = setting(None, "model directory", required=True)
+        loss_type: Literal["grpo_clip", "no_baseline"] = setting("grpo_clip", "the loss")
+        group_size: int = setting(8, "samples per prompt")
+        lr: float = setting(1e-6, "learning rate")
+        max_steps: int | None = setting(None, "steps")
+        use_std: bool = setting(True, "normalise by std")
+        stop: list[str] | None = dataclasses.field(
+            default=None, metadata={"help": "stop strings", "required": False}
+        )
+        resume: bool = setting(False, "resume")
+        resume_from: str | None = setting(None, "checkpoint")
+
+        def __post_init__(self) -> None:
+            from posttrain.config.values import prepare_fields
+
+            prepare_fields(self)
+
+    spec = ConfigSpec(GRPOLike, "posttrain grpo", path_flags={"resume": "resume_from"})
+    parser = spec.add_arguments(argparse.ArgumentParser(prog="posttrain grpo"))
+    text = " ".join(parser.format_help().split())
+    assert "--model STR model directory (required)" in text
+    assert "--loss-type {grpo_clip,no_baseline}" in text and "(default: 8)" in text
+    path = _write(tmp_path, "model: m\ngroup_size: 4\nmax_steps: 10\nuse_std: false\n")
+    argv = ["--config", str(path), "--max-steps", "none", "--stop", "a", "--stop", "b"]
+    cfg = spec.from_args(parser.parse_args([*argv, "--resume", "ckpt/step-5"]))
+    assert (cfg.model, cfg.group_size, cfg.max_steps, cfg.use_std) == ("m", 4, None, False)
+    assert (cfg.stop, cfg.resume, cfg.resume_from) == (["a", "b"], True, "ckpt/step-5")
+    with pytest.raises(
+        ValueError, match=r"unknown config key 'learning_rate' in g\.yaml: posttrain calls it 'lr'"
+    ):
+        spec.from_dict({"model": "m", "learning_rate": 1}, "g.yaml")
+    with pytest.raises(
+        ValueError, match=r"did you mean 'group_size'\? \(see `posttrain grpo --help`\)"
+    ):
+        spec.from_dict({"model": "m", "group_sise": 1})
+    with pytest.raises(ValueError, match="group_size must be int"):
+        spec.from_dict({"model": "m", "group_size": "many"})
+    with pytest.raises(
+        TypeError, match="GRPOLike has no setting 'learning_rate': posttrain calls it 'lr'"
+    ):
+        GRPOLike(model="m", learning_rate=1.0)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from posttrain.config.eval import EvalConfig, add_dataclass_arguments, dataclass_from_args
+from posttrain.config.eval import EVAL_SPEC, EvalConfig
 
 ARTIFACTS = ("summary.json", "generations.jsonl")
 NUM_EXAMPLES = 3
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "own), and write summary.json and generations.jsonl. Example: posttrain eval "
         "--model RUN/final --data gsm8k_test.jsonl --reward gsm8k --prompt-field question"
     )
-    add_dataclass_arguments(parser, EvalConfig, "evaluation settings (also valid as YAML keys)")
+    EVAL_SPEC.add_arguments(parser)
 
 
 # --------------------------------------------------------------------------- loading
@@ -193,7 +193,7 @@ def _evaluate(cfg: EvalConfig, info: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = dataclass_from_args(EvalConfig, args, command="posttrain eval")
+    cfg = EVAL_SPEC.from_args(args)
     from pathlib import Path
 
     from posttrain.common.distributed import init_distributed, shutdown

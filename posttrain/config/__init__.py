@@ -7,29 +7,32 @@ saved next to every checkpoint so that a run can be reproduced and resumed.
 
 Precedence: dataclass defaults < YAML file (`--config FILE`) < explicit CLI flags.
 
-`schema` holds the dataclass, its checks and its YAML form; `args` its flags.
+`spec` is the one layer between any config dataclass and its YAML file and flags
+(`ConfigSpec`); `sft` holds `SFTConfig` and its checks, `flags` its command-line form,
+`eval` `EvalConfig`, `values` the type coercion they share.
 """
 
 from posttrain.config.flags import add_config_arguments, config_from_args
 from posttrain.config.sft import (
     FIELDS,
-    HF_NAMES,
     RENAMED,
     REQUIRED_FIELDS,
     SFTConfig,
     config_from_dict,
     config_to_dict,
     key_hint,
-    load_config,
     save_config,
 )
+from posttrain.config.spec import HF_NAMES, ConfigSpec, UnknownSettingError, load_config
 
 __all__ = [
     "FIELDS",
     "HF_NAMES",
     "RENAMED",
     "REQUIRED_FIELDS",
+    "ConfigSpec",
     "SFTConfig",
+    "UnknownSettingError",
     "add_config_arguments",
     "config_from_args",
     "config_from_dict",

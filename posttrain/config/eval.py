@@ -1,139 +1,35 @@
-"""`EvalConfig`, the settings of `posttrain eval`, and the dataclass <-> YAML / flags layer
-it is built with.
+"""`EvalConfig`, the settings of `posttrain eval`.
 
-The layer is the one `SFTConfig` uses (`schema`, `args`), for any dataclass whose fields
-carry `{"help", "required"}` metadata: one flag per field, `--config FILE` for YAML,
-precedence defaults < YAML < flags, every value type-checked (lossless conversions only),
-unknown keys rejected with the closest valid name. It adds list fields (`list[str]`: a
-YAML list, or a repeated flag).
+Its flags and YAML form come from the layer every config uses,
+`posttrain.config.spec.ConfigSpec` (`EVAL_SPEC`): one flag per field, `--config FILE`,
+precedence defaults < YAML < flags, every value type-checked, unknown keys rejected with
+the closest valid name; `list[str]` fields take a YAML list or a repeated flag.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from posttrain.config.sft import key_hint, load_config
-from posttrain.config.values import coerce_value, flag, prepare_fields, type_name, unwrap_optional
+from posttrain.config.spec import (
+    ConfigSpec,
+    add_dataclass_arguments,
+    dataclass_from_args,
+    dataclass_from_dict,
+)
+from posttrain.config.values import prepare_fields
 
-T = typing.TypeVar("T")
+__all__ = [
+    "EVAL_SPEC",
+    "EvalConfig",
+    "add_dataclass_arguments",
+    "dataclass_from_args",
+    "dataclass_from_dict",
+]
 
 
 def _f(default: Any, help: str, required: bool = False, metavar: str | None = None) -> Any:
     return field(default=default, metadata={"help": help, "required": required, "metavar": metavar})
-
-
-# --------------------------------------------------------------------------- the layer
-
-
-def _converter(name: str, tp: Any) -> typing.Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return coerce_value(name, tp, text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = type_name(tp)  # argparse shows this in its errors
-    return convert
-
-
-def _shown(value: Any) -> str:
-    return (
-        "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    )
-
-
-def add_dataclass_arguments(
-    parser: argparse.ArgumentParser, cls: type, title: str = "settings (also valid as YAML keys)"
-) -> argparse.ArgumentParser:
-    """Add `--config FILE` and one flag per field of the dataclass `cls` to `parser`.
-
-    Flags are absent from the namespace unless given, so that only those override the
-    YAML file. Booleans get `--flag/--no-flag`, Literals choices, lists a repeatable flag.
-    """
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        default=None,
-        help="YAML file of settings (keys as below, with underscores); flags override it",
-    )
-    group = parser.add_argument_group(title)
-    types = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        base, optional = unwrap_optional(types[f.name])
-        default = "required" if f.metadata["required"] else f"default: {_shown(f.default)}"
-        kwargs: dict[str, Any] = {
-            "dest": f.name,
-            "default": argparse.SUPPRESS,
-            # '%' would be read as a format specifier by argparse's help formatter.
-            "help": f"{f.metadata['help']} ({default})".replace("%", "%%"),
-        }
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is Literal:
-            kwargs["choices"] = list(typing.get_args(base))
-        elif typing.get_origin(base) is list:
-            item = typing.get_args(base)[0]
-            kwargs.update(action="append", type=_converter(f.name, item), metavar="STR")
-        else:
-            kwargs["type"] = _converter(f.name, types[f.name])
-            kwargs["metavar"] = f.metadata.get("metavar") or (
-                {int: "N", float: "X"}.get(base, "STR") + ("|none" * optional)
-            )
-        group.add_argument(flag(f.name), **kwargs)
-    return parser
-
-
-def _check_unknown(cls: type, keys: typing.Iterable[str], source: str | None, command: str) -> None:
-    known = [f.name for f in dataclasses.fields(cls)]
-    for key in keys:
-        if key not in known:
-            hint = key_hint(str(key), known)
-            where = f" in {source}" if source else ""
-            raise ValueError(
-                f"unknown config key {str(key)!r}{where}{f': {hint}' if hint else ''} "
-                f"(see `{command} --help`)"
-            )
-
-
-def dataclass_from_dict(
-    cls: type[T], values: Mapping[str, Any], source: str | None = None, command: str = "posttrain"
-) -> T:
-    """Build and validate `cls` from field name -> value; errors name `source` (a file)."""
-    if not isinstance(values, Mapping):
-        raise ValueError(f"config must be a mapping, got {type(values).__name__}")
-    _check_unknown(cls, values, source, command)
-    try:
-        return cls(**values)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}" if source else str(exc)) from None
-
-
-def dataclass_from_args(cls: type[T], args: argparse.Namespace, command: str = "posttrain") -> T:
-    """Resolve `cls` from the YAML file given with `--config` (if any) and the flags given.
-
-    A type error in the file names the file; once flags are merged in, a bad value
-    could come from either, so later errors name only the field.
-    """
-    values: dict[str, Any] = {}
-    source = getattr(args, "config", None)
-    types = typing.get_type_hints(cls)
-    if source:
-        values = load_config(source)
-        _check_unknown(cls, values, str(source), command)
-        for name, value in values.items():
-            try:
-                values[name] = coerce_value(name, types[name], value)
-            except ValueError as exc:
-                raise ValueError(f"{source}: {exc}") from None
-    values.update(
-        {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    )
-    return cls(**values)
 
 
 # --------------------------------------------------------------------------- EvalConfig
@@ -222,3 +118,8 @@ def _validate(cfg: EvalConfig) -> None:
             f"n is {cfg.n} but temperature is 0: greedy samples would all be identical; "
             "pass --temperature 1.0 (or --n 1)"
         )
+
+
+EVAL_SPEC = ConfigSpec(
+    EvalConfig, "posttrain eval", "evaluation settings (also valid as YAML keys)"
+)

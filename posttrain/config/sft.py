@@ -7,8 +7,6 @@ same type checks and range checks; unknown keys are rejected with the name to us
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import logging
 import os
 import typing
 from collections.abc import Collection
@@ -18,10 +16,11 @@ from typing import Any, Literal
 
 import yaml
 
-from posttrain.config.values import FALSE, TRUE, coerce_value, flag, prepare_fields
+from posttrain.config.spec import HF_NAMES as HF_NAMES  # re-exported: posttrain.config
+from posttrain.config.spec import ConfigSpec
+from posttrain.config.spec import load_config as load_config
+from posttrain.config.values import prepare_fields
 from posttrain.data.records import DataFormat
-
-logger = logging.getLogger("posttrain")
 
 # Marks the two fields that have no default, so that the dataclass can keep the
 # declared field order (model and train_file first) and still report a clean
@@ -155,69 +154,15 @@ class SFTConfig:
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(SFTConfig)}
 # Old key -> new key: still accepted, with a deprecation message.
 RENAMED = {"logprob_chunk_size": "loss_chunk_size"}
-# Hugging Face (TrainingArguments, TRL) name -> posttrain's: people bring these from
-# their old configs, and a spelling suggestion would not find 'lr' from 'learning_rate'.
-HF_NAMES: dict[str, str] = {
-    "learning_rate": "lr",
-    "per_device_train_batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "grad_accum_steps",
-    "num_train_epochs": "epochs",
-    "max_length": "max_seq_len",
-    "max_seq_length": "max_seq_len",
-    "lr_scheduler_type": "lr_scheduler",
-    "logging_steps": "log_every",
-    "save_steps": "save_every",
-    "eval_steps": "eval_every",
-    "save_total_limit": "keep_last",
-    "adam_epsilon": "adam_eps",
-    "overwrite_output_dir": "overwrite",
-    "resume_from_checkpoint": "resume",  # which takes true or a checkpoint path
-    "warmup_ratio": "warmup_steps",
-    "bf16": "precision",
-    "fp16": "precision",
-}
-# Where the posttrain setting is not the same thing under another name.
-_HF_NOTES: dict[str, str] = {
-    "warmup_ratio": "posttrain has no warmup ratio: set {}, a number of optimizer steps",
-    "bf16": "posttrain sets it with {}: bf16, fp32 or auto (bf16 where supported, the default)",
-    "fp16": "posttrain has no fp16: set {} to bf16, fp32 or auto",
-}
 REQUIRED_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["required"])
-# Resolved once: with `from __future__ import annotations` the annotations are strings.
-_TYPES: dict[str, Any] = typing.get_type_hints(SFTConfig)
-
-
-# --------------------------------------------------------------------------- types
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Check `value` against the type of SFTConfig field `name` (see `coerce_value`)."""
-    return coerce_value(name, _TYPES[name], value)
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _renamed(values: dict[str, Any], source: str | None = None) -> dict[str, Any]:
-    """`values` with deprecated keys moved to their new names (each said once)."""
-    out = dict(values)
-    for old, new in RENAMED.items():
-        if old not in out:
-            continue
-        where = f" in {source}" if source else ""
-        if new in out:
-            raise ValueError(f"both {old!r} and its new name {new!r} are set{where}; keep {new!r}")
-        logger.warning("posttrain: %r%s is deprecated, use %r (%s)", old, where, new, flag(new))
-        out[new] = out.pop(old)
-    return out
-
-
-def _resume_path(values: dict[str, Any]) -> dict[str, Any]:
-    """`resume: PATH` (YAML or `--resume PATH`) -> resume_from=PATH, resume=True."""
-    value = values.get("resume")
-    if isinstance(value, str) and value.lower() not in TRUE | FALSE:
-        values = {**values, "resume": True, "resume_from": value}
-    return values
+# How SFTConfig reads from YAML and flags; `--resume PATH` sets resume_from.
+SPEC = ConfigSpec(
+    SFTConfig,
+    "posttrain sft",
+    title="training settings (also valid as YAML keys)",
+    renamed=RENAMED,
+    path_flags={"resume": "resume_from"},
+)
 
 
 def key_hint(
@@ -230,25 +175,10 @@ def key_hint(
     (`lerning_rate` -> `lr`). None when nothing is close. Names are shown as flags
     (`--lr`) when `as_flag`, else as keys (`'lr'`).
     """
-    show = flag if as_flag else repr
-    key = key.lstrip("-").replace("-", "_").lower()
-    hf_names = {old: new for old, new in HF_NAMES.items() if new in known}
-    if key in hf_names:
-        return _HF_NOTES.get(key, "posttrain calls it {}").format(show(hf_names[key]))
-    guess = difflib.get_close_matches(key, [*known, *hf_names], n=1, cutoff=0.6)
-    return f"did you mean {show(hf_names.get(guess[0], guess[0]))}?" if guess else None
+    return SPEC.key_hint(key, known, as_flag=as_flag)
 
 
-def _check_unknown(keys: typing.Iterable[str], source: str | None = None) -> None:
-    where = f" in {source}" if source else ""
-    for key in keys:
-        if key in FIELDS or key in RENAMED:
-            continue
-        hint = key_hint(str(key))
-        raise ValueError(
-            f"unknown config key {str(key)!r}{where}{f': {hint}' if hint else ''} "
-            "(see `posttrain sft --help`)"
-        )
+# --------------------------------------------------------------------------- validation
 
 
 def _validate(cfg: SFTConfig) -> None:
@@ -325,49 +255,12 @@ def config_from_dict(d: typing.Mapping[str, Any], source: str | None = None) -> 
     (and converted where lossless), and ranges are validated; every error is a
     `ValueError` naming the field. `source` (a file name) is added to messages.
     """
-    if not isinstance(d, typing.Mapping):
-        raise ValueError(f"config must be a mapping, got {type(d).__name__}")
-    _check_unknown(d, source)
-    try:
-        return SFTConfig(**_resume_path(_renamed(dict(d), source)))
-    except ValueError as exc:
-        if source:
-            raise ValueError(f"{source}: {exc}") from None
-        raise
+    return SPEC.from_dict(d, source)
 
 
 def config_to_dict(cfg: SFTConfig) -> dict[str, Any]:
     """The config as a plain dict, in field order (YAML- and JSON-serialisable)."""
     return dataclasses.asdict(cfg)
-
-
-def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML config file into a dict (not yet validated; see `config_from_dict`).
-
-    An empty file is an empty mapping; anything but a mapping at the top level, or
-    invalid YAML, is a `ValueError` naming the file.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise ValueError(f"cannot read config file {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{path}: a config file must be a mapping of settings, got {type(data).__name__}"
-        )
-    for key in data:
-        if not isinstance(key, str):
-            raise ValueError(f"{path}: config keys must be strings, got {key!r}")
-    return data
 
 
 def save_config(cfg: SFTConfig, path: str | os.PathLike[str]) -> Path:
