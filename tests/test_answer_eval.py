@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -19,7 +20,7 @@ from posttrain.evaluation.answers import (
 )
 from posttrain.generation.decode import Sample, generate
 from posttrain.generation.prompts import chat_prompt_ids
-from posttrain.rewards import RewardError, exact_reward
+from posttrain.rewards import RewardError, exact_reward, get_reward_fn, gsm8k_reward
 
 PROMPTS = [
     "Hello",
@@ -235,7 +236,9 @@ def test_eval_data_fields_fallbacks_and_limit(tmp_path) -> None:
 def test_eval_data_errors_name_the_file_line_and_fields(tmp_path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q", "answer": "1"}\n{"question": "q", "solution": "2"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'answer' \(nor 'response'\)"):
+    with pytest.raises(
+        ValueError, match=r"bad.jsonl:2: missing field 'answer' \(nor 'response', 'completion'\)"
+    ):
         load_eval_data(path)
     with pytest.raises(ValueError, match="fields present: 'question', 'solution'"):
         load_eval_data(path)
@@ -249,6 +252,59 @@ def test_eval_data_errors_name_the_file_line_and_fields(tmp_path) -> None:
     path.write_text("")
     with pytest.raises(ValueError, match="is empty"):
         load_eval_data(path)
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_one_field_rule_reads_the_shared_gsm8k_files_as_they_are() -> None:
+    """GSM8K's test set (question / answer) and the training file (prompt / completion)
+    both work without naming a field: the README says so for eval and for sft."""
+    test = load_eval_data(SHARED / "gsm8k_test.jsonl", limit=3)
+    first = json.loads((SHARED / "gsm8k_test.jsonl").read_text().splitlines()[0])
+    assert (test.questions[0], test.golds[0]) == (first["question"], first["answer"])
+    train = load_eval_data(SHARED / "gsm8k_512.jsonl", limit=3)
+    first = json.loads((SHARED / "gsm8k_512.jsonl").read_text().splitlines()[0])
+    assert (train.questions[0], train.golds[0]) == (first["prompt"], first["completion"])
+    # Scorable by gsm8k: every gold of both files ends in '#### <number>'.
+    assert len(load_eval_data(SHARED / "gsm8k_test.jsonl", reward_fn=gsm8k_reward).golds) > 1000
+    load_eval_data(SHARED / "gsm8k_512.jsonl", reward_fn=gsm8k_reward)
+
+
+def test_field_rule_order_and_explicit_fields_win(tmp_path) -> None:
+    row = {"prompt": "p", "question": "q", "answer": "a", "response": "r", "completion": "c"}
+    path = tmp_path / "all.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    data = load_eval_data(path)
+    assert (data.questions, data.golds) == (["p"], ["a"])
+    path.write_text(json.dumps({"question": "q", "response": "r", "completion": "c"}) + "\n")
+    assert (load_eval_data(path).questions, load_eval_data(path).golds) == (["q"], ["r"])
+    # A field that is named is used, or missing: no fallback behind an explicit flag.
+    assert load_eval_data(path, "question", "completion").golds == ["c"]
+    with pytest.raises(ValueError, match=r"all.jsonl:1: missing field 'prompt'; fields present"):
+        load_eval_data(path, prompt_field="prompt")
+
+
+def test_gold_answers_are_checked_against_the_reward_before_generating(tmp_path) -> None:
+    path = tmp_path / "mmlu.jsonl"
+    rows = [{"question": "q1", "answer": "A"}, {"question": "q2", "answer": "Paris"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(
+        ValueError,
+        match=rf"{path}:2: gold answer 'Paris' is not a valid gold for reward 'mmlu': it must "
+        "be one option letter, A to D",
+    ):
+        load_eval_data(path, reward_fn=get_reward_fn("mmlu"))
+    assert load_eval_data(path, reward_fn=get_reward_fn("exact")).golds == ["A", "Paris"]
+
+
+def test_evaluate_answers_checks_golds_before_generating(monkeypatch) -> None:
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before the golds were checked")
+
+    monkeypatch.setattr(answer_eval, "generate", no_generation)
+    with pytest.raises(ValueError, match="gold answer 1 'Paris' is not a valid gold for reward"):
+        evaluate_answers(None, None, ["q1", "q2"], ["B", "Paris"], get_reward_fn("mmlu"))
 
 
 def test_eval_data_reads_parquet(tmp_path) -> None:

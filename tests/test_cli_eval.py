@@ -200,8 +200,13 @@ def bad_input_cases(tmp: Path, workdir: Path, data: Path) -> dict[str, tuple[lis
         ),
         "missing answer field": (
             ["--data", str(no_answer)],
-            f"{no_answer}:2: missing field 'answer' (nor 'response'); fields present: "
-            "'question', 'sol'. Set --answer-field",
+            f"{no_answer}:2: missing field 'answer' (nor 'response', 'completion'); "
+            "fields present: 'question', 'sol'. Set --answer-field",
+        ),
+        "golds the reward cannot score": (
+            ["--reward", "mmlu"],
+            f"{data}:1: gold answer '12 + 30 = <<12+30=42>>42\\n#### 42' is not a valid gold "
+            "for reward 'mmlu': it must be one option letter, A to D",
         ),
         "template": (["--prompt-template", str(fixed)], "has no {question} placeholder"),
         "reward file": (["--reward", f"{tmp}/nope.py:mine"], "reward file not found"),
@@ -211,6 +216,22 @@ def bad_input_cases(tmp: Path, workdir: Path, data: Path) -> dict[str, tuple[lis
         "greedy n": (["--n", "4"], "n is 4 but temperature is 0"),
         "yaml key": (["--config", str(tmp / "bad.yaml")], "did you mean 'temperature'?"),
     }
+
+
+def test_training_and_test_files_need_no_field_flags(workdir, tmp_path) -> None:
+    """The shared GSM8K files as they are: the test set (question / answer) and the
+    training file (prompt / completion), one field rule for both."""
+    shared = ROOT.parent / "shared" / "data"
+    for name in ("gsm8k_test.jsonl", "gsm8k_512.jsonl"):
+        out = tmp_path / name
+        argv = ["eval", "--model", str(workdir / "model"), "--data", str(shared / name)]
+        argv += ["--reward", "gsm8k", "--limit", "2", "--max-new-tokens", "2"]
+        assert main([*argv, "--output-dir", str(out), "--no-progress"]) == 0, name
+        summary, rows = read_run(out)
+        first = json.loads((shared / name).read_text(encoding="utf-8").splitlines()[0])
+        assert rows[0]["prompt"] == first.get("prompt", first.get("question")), name
+        assert rows[0]["gold"] == first.get("answer", first.get("completion")), name
+        assert summary["config"]["prompt_field"] is None
 
 
 def test_bad_input_is_one_clear_line(workdir, data, no_eos_model, tmp_path, capsys) -> None:

@@ -356,6 +356,60 @@ def test_custom_reward_file_that_fails_to_import(tmp_path):
         get_reward_fn(f"{syntax}:f")
 
 
+def test_missing_function_in_a_package_lists_what_it_exports():
+    # The package's __init__ defines nothing itself: it re-exports its modules' functions.
+    with pytest.raises(ValueError) as info:
+        get_reward_fn("posttrain.rewards:nosuch")
+    message = str(info.value)
+    assert "posttrain.rewards has no 'nosuch'; functions it exports: " in message
+    assert "exact_reward" in message and "none" not in message
+
+
+def test_a_failing_reward_file_is_named_as_the_user_wrote_it(tmp_path):
+    path = _write(
+        tmp_path / "myreward.py",
+        """
+        def boom(response, ground_truth):
+            return {"reward": 1 / 0}
+        """,
+    )
+    with pytest.raises(RewardError) as info:
+        score_responses(get_reward_fn(f"{path}:boom"), ["a"], ["b"])
+    message = str(info.value)
+    assert f"reward function {path}:boom failed on example 0: ZeroDivisionError" in message
+    assert message.endswith(f"({path}:3)")  # the line of the user's file that raised
+    assert "_posttrain_reward" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "good", "bad", "valid"),
+    [
+        ("gsm8k", ["72", "work\n#### 1,250", 7], ["no number", "####"], "#### <number>"),
+        ("math", ["\\frac{1}{2}", "so \\boxed{3}"], ["", "  $ $ "], "\\boxed{...}"),
+        ("r1_zero", ["0.5"], [" "], "a final answer"),
+        ("mmlu", ["B", "(c)", " d. "], ["E", "B or C", "42", ""], "one option letter, A to D"),
+        ("exact", ["", "anything"], [], "any string"),
+    ],
+)
+def test_each_builtin_says_what_a_valid_gold_is(name, good, bad, valid):
+    reward_fn = get_reward_fn(name)
+    assert valid in rewards.VALID_GOLDS[name]
+    assert rewards.builtin_name(reward_fn) == name
+    for gold in good:
+        assert rewards.gold_error(reward_fn, str(gold)) is None, gold
+    for gold in bad:
+        problem = rewards.gold_error(reward_fn, gold)
+        assert (
+            problem
+            == f"is not a valid gold for reward {name!r}: it must be " + (rewards.VALID_GOLDS[name])
+        )
+        # What the check refuses, the reward itself cannot score.
+        with pytest.raises(ValueError):
+            reward_fn("The answer is B, 72 </think> <answer>\\boxed{1}</answer>", gold)
+    # A user's own reward knows its own golds: nothing is checked for it.
+    assert rewards.gold_error(lambda r, g: {}, "E") is None
+
+
 # -------------------------------------------------------------------------- scoring
 
 

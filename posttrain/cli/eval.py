@@ -164,7 +164,9 @@ def _evaluate(cfg: EvalConfig, info: Any) -> Any:
     # Every input is checked before the model is loaded, which can take minutes.
     template = load_template(cfg.prompt_template)
     reward_fn = get_reward_fn(cfg.reward)
-    data = load_eval_data(cfg.data, cfg.prompt_field, cfg.answer_field, cfg.limit)
+    data = load_eval_data(
+        cfg.data, cfg.prompt_field, cfg.answer_field, cfg.limit, reward_fn=reward_fn
+    )
     _main_first(
         info,
         lambda: prepare_output_dir(cfg.output_dir, ARTIFACTS, overwrite=cfg.overwrite, resume=None),

@@ -57,15 +57,13 @@ class EvalConfig:
         required=True,
         metavar="NAME",
     )
-    prompt_field: str = _f(
-        "prompt",
-        "field holding the question ('question' is used when left at 'prompt' and a "
-        "row has no 'prompt')",
+    prompt_field: str | None = _f(
+        None, "field holding the question (none: 'prompt', else 'question')", metavar="NAME"
     )
-    answer_field: str = _f(
-        "answer",
-        "field holding the gold answer ('response' is used when left at 'answer' and "
-        "a row has no 'answer')",
+    answer_field: str | None = _f(
+        None,
+        "field holding the gold answer (none: 'answer', else 'response', else 'completion')",
+        metavar="NAME",
     )
     prompt_template: str = _f(
         "question_only",
@@ -104,8 +102,11 @@ def _validate(cfg: EvalConfig) -> None:
         if not ok:
             raise ValueError(f"{name} {what}, got {getattr(cfg, name)!r}")
 
-    for name in ("model", "data", "reward", "output_dir", "prompt_field", "answer_field"):
+    for name in ("model", "data", "reward", "output_dir"):
         need(bool(getattr(cfg, name).strip()), name, "must not be empty")
+    for name in ("prompt_field", "answer_field"):
+        value = getattr(cfg, name)
+        need(value is None or bool(value.strip()), name, "must not be empty (or none)")
     for name in ("n", "max_new_tokens", "batch_size"):
         need(getattr(cfg, name) >= 1, name, "must be >= 1")
     need(cfg.limit is None or cfg.limit >= 1, "limit", "must be >= 1 (or none)")

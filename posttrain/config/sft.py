@@ -111,10 +111,12 @@ class SFTConfig:
         "path/file.py:function / package.module:function",
     )
     eval_prompt_field: str | None = _f(
-        None, "prompt field of eval_generate_file (none: prompt_field)"
+        None, "question field of eval_generate_file (none: 'prompt', else 'question')"
     )
     eval_answer_field: str | None = _f(
-        None, "gold-answer field of eval_generate_file (none: response_field)"
+        None,
+        "gold-answer field of eval_generate_file (none: 'answer', else 'response', else "
+        "'completion')",
     )
     eval_prompt_template: str | None = _f(
         None, "template for eval prompts: r1_zero, question_only or a file with {question}"

@@ -29,7 +29,7 @@ from posttrain.common.distributed import DistInfo, is_fsdp, unwrap_model
 from posttrain.common.jsonl import write_jsonl
 from posttrain.data.records import read_rows
 from posttrain.generation.decode import Sample, batch_order, encode_prompts, generate
-from posttrain.rewards import RewardError, RewardFn, score_responses
+from posttrain.rewards import RewardError, RewardFn, gold_error, score_responses
 
 # A sample counts as correct when its answer_reward reaches this (built-ins give 0 or 1).
 CORRECT_AT = 1.0
@@ -102,9 +102,12 @@ def _check_inputs(
 
 # --------------------------------------------------------------------------- data
 
-# The fields used when the configured one is absent from a row and left at its default:
-# GSM8K names the question "question", and SFT files name the answer "response".
-_FALLBACK_FIELDS = {"prompt": "question", "answer": "response"}
+# Where a question and its gold answer are read from when no flag names the field: the
+# first of these a row has. One rule for `posttrain eval` and for generation evaluation
+# during `posttrain sft`, so GSM8K's files (question / answer) and posttrain's training
+# files (prompt / response or completion) work as they are.
+QUESTION_FIELDS = ("prompt", "question")
+GOLD_FIELDS = ("answer", "response", "completion")
 
 
 @dataclass
@@ -117,41 +120,55 @@ class EvalData:
     sources: list[str]
 
 
-def _field(row: dict[str, Any], name: str, source: str, flag: str, numbers: bool) -> str:
-    """The text of field `name` (or its fallback) of `row`; with `numbers`, a number's."""
-    if name not in row and _FALLBACK_FIELDS.get(name) in row:
-        name = _FALLBACK_FIELDS[name]
-    if name not in row:
-        also = f" (nor {_FALLBACK_FIELDS[name]!r})" if name in _FALLBACK_FIELDS else ""
+def eval_field(
+    row: Mapping[str, Any],
+    name: str | None,
+    candidates: Sequence[str],
+    source: str,
+    flag: str,
+    numbers: bool,
+) -> str:
+    """The text of a row's question or gold answer: field `name` when one was given (an
+    explicit flag wins), else the first of `candidates` (`QUESTION_FIELDS`, `GOLD_FIELDS`)
+    the row has. With `numbers`, a number is read as its text. ValueError naming `source`
+    (file:line), the fields the row has and `flag` when there is no such field."""
+    tried = [name] if name is not None else list(candidates)
+    found = next((key for key in tried if key in row), None)
+    if found is None:
+        also = f" (nor {', '.join(map(repr, tried[1:]))})" if len(tried) > 1 else ""
         fields = ", ".join(map(repr, row)) or "none"
         raise ValueError(
-            f"{source}: missing field {name!r}{also}; fields present: {fields}. "
+            f"{source}: missing field {tried[0]!r}{also}; fields present: {fields}. "
             f"Set {flag} to the right name"
         )
-    value = row[name]
+    value = row[found]
     if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
         got = "null" if value is None else type(value).__name__
-        raise ValueError(f"{source}: field {name!r} must be a string, got {got}")
+        raise ValueError(f"{source}: field {found!r} must be a string, got {got}")
     return value
 
 
 def load_eval_data(
     path: str | os.PathLike[str],
-    prompt_field: str = "prompt",
-    answer_field: str = "answer",
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
     limit: int | None = None,
     flags: tuple[str, str] = ("--prompt-field", "--answer-field"),
+    reward_fn: RewardFn | None = None,
 ) -> EvalData:
     """Questions and gold answers of the first `limit` rows (all when None) of a data file.
 
     Formats as for `posttrain sft` (JSONL, JSON, Parquet, a datasets save_to_disk
-    directory). `prompt_field` left at "prompt" falls back to "question" in a row without
-    "prompt", `answer_field` left at "answer" to "response". A question must be a string;
-    an answer a string or a number (read as its text). Raises ValueError naming the file
-    and line (or row) of a bad row; a missing field lists the fields present and the flag
-    (`flags`: the prompt and answer flags of the calling command) that names it.
+    directory). A field left at None follows the rule of `eval_field`: the question from
+    "prompt", else "question"; the gold from "answer", else "response", else "completion".
+    A question must be a string; an answer a string or a number (read as its text). With
+    `reward_fn`, every gold answer is checked against what that reward accepts
+    (`posttrain.rewards.gold_error`) before anything is generated. Raises ValueError
+    naming the file and line (or row) of a bad row; a missing field lists the fields
+    present and the flag (`flags`: the prompt and answer flags of the calling command)
+    that names it.
     """
     rows = read_rows(path)
     if not rows:
@@ -160,10 +177,19 @@ def load_eval_data(
     for row, source in rows[:limit]:
         if not isinstance(row, dict):
             raise ValueError(f"{source}: expected an object, got {type(row).__name__}")
-        data.questions.append(_field(row, prompt_field, source, flags[0], numbers=False))
-        data.golds.append(_field(row, answer_field, source, flags[1], numbers=True))
+        question = eval_field(row, prompt_field, QUESTION_FIELDS, source, flags[0], False)
+        gold = eval_field(row, answer_field, GOLD_FIELDS, source, flags[1], True)
+        problem = None if reward_fn is None else gold_error(reward_fn, gold)
+        if problem is not None:
+            raise ValueError(f"{source}: gold answer {_shown(gold)} {problem}")
+        data.questions.append(question)
+        data.golds.append(gold)
         data.sources.append(source)
     return data
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else "..." + text[-limit:])
 
 
 # --------------------------------------------------------------------------- this rank
@@ -312,6 +338,12 @@ def evaluate_answers(
     on one rank is raised on all of them.
     """
     _check_inputs(prompts, golds, n, temperature, top_p, max_new_tokens, batch_size)
+    for i, gold in enumerate(golds):
+        # Before anything is generated: a bad gold would otherwise stop the run after the
+        # first batch (or the first training evaluation) had been paid for.
+        problem = gold_error(reward_fn, gold)
+        if problem is not None:
+            raise ValueError(f"gold answer {i} {_shown(gold)} {problem}")
     info = info or DistInfo(0, 1, 0, next(model.parameters()).device)
     model = unwrap_model(model)
     if info.is_distributed and is_fsdp(model):

@@ -18,7 +18,8 @@ The modules, in the order they build on each other:
 - `answers`: reading an answer out of text (GSM8K numbers, ``\\boxed{}``, MMLU letters).
 - `math_workers`: the math-verify worker processes, killed when a check runs out of time.
 - `math_check`: `math_equal`, plain cases decided at once and the rest by math-verify.
-- `builtin`: the built-in reward functions and `REWARD_NAMES`.
+- `builtin`: the built-in reward functions, `REWARD_NAMES`, and what each accepts as a
+  gold answer (`VALID_GOLDS`, `gold_error`).
 - `loading`: `get_reward_fn` (built-ins and a user's own) and `score_responses`.
 """
 
@@ -31,8 +32,11 @@ from posttrain.rewards.answers import (
 from posttrain.rewards.builtin import (
     REWARD_KEYS,
     REWARD_NAMES,
+    VALID_GOLDS,
     RewardFn,
+    builtin_name,
     exact_reward,
+    gold_error,
     gsm8k_reward,
     math_reward,
     mmlu_reward,
@@ -50,13 +54,16 @@ __all__ = [
     "MATH_TIMEOUT_S",
     "REWARD_KEYS",
     "REWARD_NAMES",
+    "VALID_GOLDS",
     "WORKER_MEMORY_LIMIT_BYTES",
     "WORKER_STARTUP_TIMEOUT_S",
     "RewardError",
     "RewardFn",
+    "builtin_name",
     "close_math_workers",
     "exact_reward",
     "get_reward_fn",
+    "gold_error",
     "gsm8k_gold_answer",
     "gsm8k_reward",
     "last_boxed",

@@ -108,15 +108,20 @@ def r1_zero_reward(
 # ----------------------------------------------------------------------------- mmlu
 
 
+def _mmlu_gold(ground_truth: str) -> str:
+    gold = _bare(_text(ground_truth, "ground_truth")).strip("()").upper()
+    if len(gold) != 1 or gold not in _MMLU_LETTERS:
+        raise ValueError(f"MMLU ground truth must be one of A, B, C, D, got {ground_truth!r}")
+    return gold
+
+
 def mmlu_reward(response: str, ground_truth: str) -> dict[str, float]:
     """1 when the chosen letter equals `ground_truth`, the gold letter (A-D, any case).
 
     The reward signature has no room for the MMLU example, so parsing runs on a minimal
     ``{"answer": ground_truth}``; the options are not needed to read a letter.
     """
-    gold = _bare(_text(ground_truth, "ground_truth")).strip("()").upper()
-    if len(gold) != 1 or gold not in _MMLU_LETTERS:
-        raise ValueError(f"MMLU ground truth must be one of A, B, C, D, got {ground_truth!r}")
+    gold = _mmlu_gold(ground_truth)
     chosen = parse_mmlu_response({"answer": gold}, response)
     if chosen is None:
         return _rewards(0.0, 0.0, 0.0)
@@ -145,3 +150,40 @@ _BUILTINS: dict[str, RewardFn] = {
 }
 REWARD_NAMES: tuple[str, ...] = tuple(_BUILTINS)
 _NEEDS_MATH_VERIFY = ("math", "r1_zero")
+
+# What each built-in accepts as a gold answer, and the check that refuses anything else
+# (raising ValueError), run over a data set before anything is generated.
+VALID_GOLDS: dict[str, str] = {
+    "gsm8k": "a number, or a worked solution ending in '#### <number>'",
+    "math": "a final answer such as '\\frac{1}{2}', or a worked solution ending in \\boxed{...}",
+    "r1_zero": "a final answer such as '\\frac{1}{2}', or a worked solution ending in \\boxed{...}",
+    "mmlu": "one option letter, A to D",
+    "exact": "any string",
+}
+_GOLD_CHECKS: dict[str, Callable[[str], object]] = {
+    "gsm8k": gsm8k_gold_answer,
+    "math": _gold_math_answer,
+    "r1_zero": _gold_math_answer,
+    "mmlu": _mmlu_gold,
+}
+
+
+def builtin_name(reward_fn: object) -> str | None:
+    """The `REWARD_NAMES` name of a built-in reward (or a functools.partial of one, e.g.
+    with another `timeout_s`), else None."""
+    inner = getattr(reward_fn, "func", reward_fn)
+    return next((name for name, fn in _BUILTINS.items() if fn is inner), None)
+
+
+def gold_error(reward_fn: object, gold: str) -> str | None:
+    """Why `gold` is no gold answer `reward_fn` can score against (None when it is, or when
+    the reward is not a built-in: a user's own function knows its own golds)."""
+    name = builtin_name(reward_fn)
+    check = _GOLD_CHECKS.get(name or "")
+    if check is None:
+        return None
+    try:
+        check(gold)
+    except (TypeError, ValueError):
+        return f"is not a valid gold for reward {name!r}: it must be {VALID_GOLDS[name]}"
+    return None

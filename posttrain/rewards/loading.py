@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import traceback
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,9 @@ from posttrain.rewards.builtin import (
     REWARD_NAMES,
     RewardFn,
 )
+
+# The attribute of a module loaded from a reward file that holds the path as given.
+_USER_FILE = "__posttrain_reward_file__"
 
 
 class RewardError(ValueError):
@@ -72,15 +76,9 @@ def _load_custom(spec: str) -> RewardFn:
     else:
         module = _import_module(where)
     if not hasattr(module, attr):
-        defined = [
-            key
-            for key, value in vars(module).items()
-            if callable(value)
-            and not key.startswith("_")
-            and getattr(value, "__module__", None) == module.__name__
-        ]
-        shown = ", ".join(defined[:8]) + (", ..." if len(defined) > 8 else "")
-        raise ValueError(f"{where} has no {attr!r}; callables defined there: {shown or 'none'}")
+        label, names = _offered(module)
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ValueError(f"{where} has no {attr!r}; {label}: {shown or 'none'}")
     fn = getattr(module, attr)
     if not callable(fn):
         raise ValueError(f"{spec} is a {type(fn).__name__}, not a callable")
@@ -97,6 +95,22 @@ def _load_custom(spec: str) -> RewardFn:
     return fn
 
 
+def _offered(module: Any) -> tuple[str, list[str]]:
+    """What a module offers to name instead: the public callables it defines, else the
+    functions it exports (`__all__`, or its public names), as a package's __init__
+    re-exports those of its modules."""
+    names = getattr(module, "__all__", None) or list(vars(module))
+    values = {key: getattr(module, key, None) for key in names if not key.startswith("_")}
+    own = [
+        key
+        for key, value in values.items()
+        if callable(value) and getattr(value, "__module__", None) == module.__name__
+    ]
+    if own:
+        return "callables defined there", own
+    return "functions it exports", [key for key, v in values.items() if inspect.isroutine(v)]
+
+
 def _import_file(path: Path) -> Any:
     if not path.is_file():
         raise ValueError(f"reward file not found: {path}")
@@ -107,6 +121,8 @@ def _import_file(path: Path) -> Any:
     if spec is None or spec.loader is None:
         raise ValueError(f"reward file {path} cannot be imported as Python")
     module = importlib.util.module_from_spec(spec)
+    # Messages name the file as the user wrote it, not this internal module name.
+    setattr(module, _USER_FILE, str(path))
     sys.modules[name] = module  # dataclasses and pickle look their module up here
     try:
         spec.loader.exec_module(module)
@@ -131,11 +147,28 @@ def _import_module(where: str) -> Any:
 
 
 def _qualified_name(fn: Any) -> str:
+    """How a reward function is named in messages: `package.module.function`, or
+    `path/file.py:function` for one loaded from a file."""
     inner = getattr(fn, "func", None)  # functools.partial
     if inner is not None and callable(inner):
         return f"partial({_qualified_name(inner)})"
     owner = fn if hasattr(fn, "__qualname__") else type(fn)
-    return f"{getattr(owner, '__module__', '?')}.{owner.__qualname__}"
+    module_name = getattr(owner, "__module__", None) or "?"
+    user_file = getattr(sys.modules.get(module_name), _USER_FILE, None)
+    if user_file is not None:
+        return f"{user_file}:{owner.__qualname__}"
+    return f"{module_name}.{owner.__qualname__}"
+
+
+def _where_it_failed(fn: Any, error: BaseException) -> str:
+    """` (file.py:LINE)`: the last line of a user's reward file in the error's traceback."""
+    module = sys.modules.get(getattr(getattr(fn, "func", fn), "__module__", None) or "")
+    user_file = getattr(module, _USER_FILE, None)
+    filename = getattr(module, "__file__", None)
+    if user_file is None or filename is None:
+        return ""
+    lines = [t.lineno for t in traceback.extract_tb(error.__traceback__) if t.filename == filename]
+    return f" ({user_file}:{lines[-1]})" if lines else ""
 
 
 def _checked(scores: Any) -> dict[str, float]:
@@ -174,6 +207,6 @@ def score_responses(
         except Exception as e:
             raise RewardError(
                 f"reward function {_qualified_name(reward_fn)} failed on example {index}: "
-                f"{type(e).__name__}: {_one_line(e)}"
+                f"{type(e).__name__}: {_one_line(e)}{_where_it_failed(reward_fn, e)}"
             ) from e
     return results
