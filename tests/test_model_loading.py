@@ -59,3 +59,34 @@ def test_tokenizer_comes_from_the_last_adapter_that_has_one(workdir: Path, tmp_p
     tokenizer = load_tokenizer_of(model_chain(on_top))
     assert Path(tokenizer.name_or_path) == with_tokenizer
     assert len(tokenizer) > 10
+
+
+def test_model_directory_without_weights_is_one_line(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Config and tokenizer copied without the weights: transformers' own error was a
+    31-line OSError traceback from generate, eval and sft alike."""
+    from posttrain.cli.main import main
+
+    bare = tmp_path / "no-weights"
+    bare.mkdir()
+    for path in (workdir / "model").iterdir():
+        if "safetensors" not in path.name:
+            shutil.copy(path, bare / path.name)
+    with pytest.raises(ValueError, match=r"no-weights has no model weights \(model\.safetensors"):
+        model_chain(bare)
+    # An adapter whose base lost its weights says which directory lacks them.
+    with pytest.raises(ValueError, match="no-weights has no model weights"):
+        model_chain(adapter(tmp_path / "lora", bare))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b", "answer": "b"}\n', encoding="utf-8")
+    commands = {
+        "generate": ["--prompt", "hi"],
+        "eval": ["--data", str(data), "--reward", "exact", "--output-dir", str(tmp_path / "e")],
+        "sft": ["--train-file", str(data), "--output-dir", str(tmp_path / "s")],
+    }
+    for command, argv in commands.items():
+        assert main([command, "--model", str(bare), *argv]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"posttrain {command}: error: {bare} has no model weights"), err
+        assert err.count("\n") == 1 and "config.json, generation_config.json" in err, err

@@ -110,7 +110,8 @@ def load_pretrained(
 def model_chain(model_dir: str | os.PathLike[str]) -> list[Path]:
     """The directories a model is made of: its base model directory (config.json) first,
     then each adapter merged into it, the one `model_dir` names last. ValueError for a
-    path that is neither, or an adapter whose base is not a directory here."""
+    path that is neither, a directory without weight files, or an adapter whose base is
+    not a directory here. Reads directory listings and configs only, no weights."""
     path = _model_dir(model_dir)
     adapters: list[Path] = []
     while not (path / "config.json").is_file():
@@ -125,7 +126,31 @@ def model_chain(model_dir: str | os.PathLike[str]) -> list[Path]:
             raise ValueError(f"{path}: adapters on adapters deeper than {len(adapters)} (a loop?)")
         adapters.append(path)
         path = _adapter_base(path)
+    _check_weights(path, _MODEL_WEIGHTS, "model weights")
     return [path, *reversed(adapters)]
+
+
+# The weight files transformers and peft load from a directory (one, or an index of shards).
+_MODEL_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _check_weights(path: Path, names: tuple[str, ...], what: str) -> None:
+    """A directory with a config but no weights (say, config and tokenizer copied without
+    the weights) fails deep inside transformers with a 30-line OSError: one line here,
+    before anything is loaded."""
+    if any((path / name).is_file() for name in names):
+        return
+    present = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(present[:6]) + (", ..." if len(present) > 6 else "")
+    raise ValueError(
+        f"{path} has no {what} ({' or '.join(names[::2])}); it holds only {shown}: copy "
+        "the weights there, or point --model at a directory that has them"
+    )
 
 
 def _adapter_base(adapter_dir: Path) -> Path:
