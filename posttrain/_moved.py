@@ -32,7 +32,7 @@ MOVED: dict[str, str] = {
     "posttrain.metrics": "posttrain.engine.metrics",
     "posttrain.optim": "posttrain.engine.optim",
     "posttrain.rng_state": "posttrain.engine.rng_state",
-    "posttrain.run_state": "posttrain.engine.run",
+    "posttrain.run_state": "posttrain.engine.setup",
     "posttrain.training": "posttrain.sft.train",
     "posttrain.config.schema": "posttrain.config.sft",
     "posttrain.config.eval_schema": "posttrain.config.eval",

@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from posttrain.config import SFTConfig
+from posttrain.config import SFTConfig, config_from_dict
 from posttrain.engine import checkpoints as ckpt
 from posttrain.engine.rng_state import restore_rng_state
 from posttrain.models.tiny import tiny_causal_lm
@@ -67,7 +67,7 @@ def test_checkpoint_loads_with_auto_classes(
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = "Hello, world! naïve café"
     assert tokenizer(text)["input_ids"] == llama_tokenizer(text)["input_ids"]
-    assert ckpt.load_checkpoint_config(path) == CFG
+    assert config_from_dict(ckpt.load_checkpoint_config(path)) == CFG
     state = ckpt.load_trainer_state(path)
     assert state["step"] == 10 and state["optimizer"] is None and state["extra"] == {}
 

@@ -90,8 +90,19 @@ def test_resume_from_a_named_checkpoint(finished, tmp_path) -> None:
     assert result.steps == 6 and not result.already_finished
     steps = [json.loads(x)["step"] for x in (other / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 4, 5, 6]
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
     with pytest.raises(ValueError, match="not a complete checkpoint directory"):
-        train(resumed(config, output_dir=str(other), resume_from=str(tmp_path / "nope")))
+        train(resumed(config, output_dir=str(other), resume_from=str(incomplete)))
+
+
+def test_resume_from_a_rotated_checkpoint_lists_the_ones_that_exist(finished, tmp_path) -> None:
+    """keep_last deleted step 2 of this run (issue 21, 12): say it is gone, and what is left."""
+    config, out = finished
+    gone = checkpoint_dir(out, 1)
+    with pytest.raises(ValueError, match="no such checkpoint") as error:
+        train(resumed(config, output_dir=str(tmp_path / "other"), resume_from=str(gone)))
+    assert str(checkpoint_dir(out, 4)) in str(error.value)
 
 
 def cut_final(out: Path) -> None:

@@ -21,16 +21,12 @@ from posttrain.config import SFTConfig
 from posttrain.data.batching import collate, plan_batches, rank_micro_batches
 from posttrain.data.tokenized import load_dataset_for_training
 from posttrain.engine.checkpoints import latest_checkpoint
-from posttrain.engine.run import prepare_run
+from posttrain.engine.settings import RunSettings
+from posttrain.engine.setup import prepare_run
 from posttrain.models.policy import ResponseLoss
 from posttrain.models.tiny import tiny_causal_lm
-from posttrain.sft.train import (
-    TrainingError,
-    accumulate_gradients,
-    optimizer_step,
-    step_batches,
-    train,
-)
+from posttrain.sft.method import SFT
+from posttrain.sft.train import TrainingError, accumulate_gradients, train
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -362,15 +358,17 @@ def test_bf16_head_weight_is_cast_once_per_step(workdir, tmp_path) -> None:
     # The narrowed head weight serves every micro-batch of a step, and is dropped at
     # the optimizer step so that the next step never sees the old weights.
     config = make_config(workdir, tmp_path / "run", head_matmul_dtype="bf16", max_steps=2, lr=1e-2)
-    run = prepare_run(config, CPU)
+    method = SFT(config)
+    run = prepare_run(method, RunSettings.of(config), CPU)
+    workspace = run.policy.workspace
     for step in range(2):
-        batches = step_batches(run, step, config)
+        batches = method.data.batches(step)
         assert len(batches) == config.grad_accum_steps
-        accumulate_gradients(run.loss_module, batches, config.loss_normalization, CPU, None)
-        cast = run.head_workspace.cast("head_weight", run.model.lm_head.weight, torch.bfloat16)
-        assert run.head_workspace.is_cached("head_weight")
-        optimizer_step(run, config.max_grad_norm)
-        assert not run.head_workspace.is_cached("head_weight")
-        fresh = run.head_workspace.cast("head_weight", run.model.lm_head.weight, torch.bfloat16)
+        sums = accumulate_gradients(run.module, batches, config.loss_normalization, CPU, None)
+        cast = workspace.cast("head_weight", run.model.lm_head.weight, torch.bfloat16)
+        assert workspace.is_cached("head_weight")
+        run.optimizer_step(sums.all_reduced(CPU)["loss"], step + 1)
+        assert not workspace.is_cached("head_weight")
+        fresh = workspace.cast("head_weight", run.model.lm_head.weight, torch.bfloat16)
         assert not torch.equal(fresh, cast)  # the step changed the weights
-        run.head_workspace.forget_casts()
+        workspace.forget_casts()

@@ -111,6 +111,16 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return holder[0]
 
 
+def gather_objects(obj: Any, info: DistInfo) -> list[Any] | None:
+    """Every rank's `obj` (a small picklable value), in rank order, on rank 0; None on
+    the other ranks. Every rank must call this."""
+    if not info.is_distributed:
+        return [obj]
+    gathered: list[Any] | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def config_differences(reference: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
     """`name: a != b` for each setting that differs between two config dicts."""
     names = list(reference) + [k for k in other if k not in reference]

@@ -36,7 +36,7 @@ from posttrain.demo.task import (
 )
 from posttrain.engine import run_dir
 from posttrain.engine.checkpoints import quiet_hf_progress
-from posttrain.engine.run import RUN_ARTIFACTS
+from posttrain.engine.setup import RUN_ARTIFACTS
 from posttrain.evaluation.answers import EvalResult, evaluate_answers
 from posttrain.generation.decode import load_model_and_tokenizer
 from posttrain.models.tiny import tiny_causal_lm

@@ -7,8 +7,8 @@ Layout of a run directory::
         step-000010/            a complete checkpoint
           config.json, model.safetensors, ...   model.save_pretrained()
           tokenizer.json, tokenizer_config.json, ...   tokenizer.save_pretrained()
-          trainer_state.pt      optimizer, scheduler, RNG states, step, `extra`
-          config.yaml           the resolved SFTConfig
+          trainer_state.pt      optimizer, scheduler, every rank's RNG states, step, `extra`
+          config.yaml           the run's resolved config (whichever command made it)
           COMPLETE              marker, written last
         step-000020/
       final/                    the trained model (+ tokenizer, config.yaml, COMPLETE)
@@ -32,6 +32,7 @@ Weights are restored with `posttrain.models.loading.load_model_weights` (or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -43,9 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from posttrain.common.distributed import unwrap_model
-from posttrain.config import SFTConfig, config_from_dict, save_config
+from posttrain.config import load_config
 from posttrain.engine.rng_state import collect_rng_state
 from posttrain.models.heads import is_peft_model
 
@@ -158,18 +160,22 @@ def _clean_scratch(parent: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _config_dict(config: SFTConfig | Mapping[str, Any] | None) -> SFTConfig | None:
-    if config is None or isinstance(config, SFTConfig):
-        return config
-    return config_from_dict(config)
+def _config_dict(config: Any) -> dict[str, Any] | None:
+    """A config dataclass (any command's) or a mapping, as a plain dict."""
+    if config is None:
+        return None
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    return dict(config)
 
 
 def _write_model_dir(
     tmp: Path,
     model: torch.nn.Module,
     tokenizer: Any | None,
-    config: SFTConfig | Mapping[str, Any] | None,
+    config: Mapping[str, Any] | None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    command: str = "sft",
 ) -> None:
     # transformers 5 always writes safetensors (the `safe_serialization` switch is gone).
     # A sharded (FSDP) model is saved from its gathered full state dict; a peft model as
@@ -184,9 +190,23 @@ def _write_model_dir(
             )
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    cfg = _config_dict(config)
-    if cfg is not None:
-        save_config(cfg, tmp / CONFIG_FILE)
+    if config is not None:
+        save_config_dict(config, tmp / CONFIG_FILE, command)
+
+
+def save_config_dict(config: Mapping[str, Any], path: Path, command: str) -> Path:
+    """Write a run's config as YAML (loadable with `posttrain COMMAND --config`),
+    atomically, headed by the command it configures."""
+    text = f"# posttrain {command} config\n" + yaml.safe_dump(
+        dict(config), sort_keys=False, default_flow_style=False
+    )
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 # --------------------------------------------------------------------------- save
@@ -228,20 +248,25 @@ def save_checkpoint(
     tokenizer: Any | None,
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
-    config: SFTConfig | Mapping[str, Any] | None,
+    config: Any,
     extra: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
     *,
     model_state_dict: Mapping[str, torch.Tensor] | None = None,
     optimizer_state: Mapping[str, Any] | None = None,
+    rng_per_rank: list[dict[str, Any]] | None = None,
+    command: str = "sft",
 ) -> Path:
     """Write a complete checkpoint of `step` atomically and return its directory.
 
-    `extra` holds whatever else the loop needs to continue exactly (data position,
-    sampler state, token counts...): tensors, numbers, strings and containers of them.
-    After the save, all but the `keep_last` newest complete checkpoints are deleted
-    (`keep_last` defaults to `config.keep_last`; None keeps everything when there is
-    no config), as are temporary directories of earlier, interrupted saves.
+    `config`: the run's config (a dataclass of any command, or a plain mapping), written
+    as config.yaml headed by `command`. `extra` holds whatever else the loop needs to
+    continue exactly (data position, sampler state, token counts...): tensors, numbers,
+    strings and containers of them. After the save, all but the `keep_last` newest
+    complete checkpoints are deleted (`keep_last` defaults to the config's `keep_last`;
+    None keeps everything when neither is given), as are temporary directories of
+    earlier, interrupted saves. `rng_per_rank`: each rank's generator states, gathered
+    (None: this process's, as rank 0's).
 
     In a distributed run the caller gathers the state on every rank and passes it
     here on the main process: `model_state_dict`, the full weights of a sharded model
@@ -253,7 +278,7 @@ def save_checkpoint(
         raise ValueError(f"step must be >= 0, got {step}")
     cfg = _config_dict(config)
     if keep_last is None and cfg is not None:
-        keep_last = cfg.keep_last
+        keep_last = cfg.get("keep_last")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
 
@@ -266,14 +291,16 @@ def save_checkpoint(
         "step": int(step),
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": collect_rng_state(),
+        # Rank 0's states also under "rng", which older posttrain versions read.
+        "rng": rng_per_rank[0] if rng_per_rank else collect_rng_state(),
+        "rng_per_rank": list(rng_per_rank) if rng_per_rank else None,
         "extra": dict(extra) if extra is not None else {},
         "torch_version": str(torch.__version__),
     }
     _check_loadable(state, "trainer_state")
 
     def write(tmp: Path) -> None:
-        _write_model_dir(tmp, model, tokenizer, cfg, model_state_dict)
+        _write_model_dir(tmp, model, tokenizer, cfg, model_state_dict, command)
         torch.save(state, tmp / TRAINER_STATE_FILE)
 
     target = checkpoint_dir(output_dir, step)
@@ -287,11 +314,12 @@ def save_final_model(
     output_dir: str | os.PathLike[str],
     model: torch.nn.Module,
     tokenizer: Any | None,
-    config: SFTConfig | Mapping[str, Any] | None,
+    config: Any,
     *,
     model_state_dict: Mapping[str, torch.Tensor] | None = None,
     step: int | None = None,
     merge_lora: bool = True,
+    command: str = "sft",
 ) -> Path:
     """Write the trained model (and tokenizer, config.yaml) to OUTPUT_DIR/final atomically.
 
@@ -310,17 +338,19 @@ def save_final_model(
     if step is not None:
         info["step"] = int(step)
 
+    cfg = _config_dict(config)
+
     def write(tmp: Path) -> None:
         if not is_peft_model(unwrap_model(model)):
-            _write_model_dir(tmp, model, tokenizer, config, model_state_dict)
+            _write_model_dir(tmp, model, tokenizer, cfg, model_state_dict, command)
             return
         adapter = tmp / ADAPTER_SUBDIR
-        _write_model_dir(adapter, model, tokenizer, config, model_state_dict)
+        _write_model_dir(adapter, model, tokenizer, cfg, model_state_dict, command)
         if merge_lora:
             merged, _ = load_pretrained(adapter, dtype=torch.float32)
-            _write_model_dir(tmp, merged, tokenizer, config)
-        elif (cfg := _config_dict(config)) is not None:
-            save_config(cfg, tmp / CONFIG_FILE)
+            _write_model_dir(tmp, merged, tokenizer, cfg, command=command)
+        elif cfg is not None:
+            save_config_dict(cfg, tmp / CONFIG_FILE, command)
 
     _write_atomically(target, write, info)
     return target
@@ -409,9 +439,7 @@ def load_trainer_state(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> SFTConfig:
-    """The SFTConfig saved with a checkpoint (or the final model)."""
-    from posttrain.config import load_config
-
-    path = Path(ckpt_dir) / CONFIG_FILE
-    return config_from_dict(load_config(path), source=str(path))
+def load_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The config saved with a checkpoint (or the final model), as a plain dict; the
+    command's config class (`SFTConfig`...) validates it (`config_from_dict`)."""
+    return load_config(Path(ckpt_dir) / CONFIG_FILE)

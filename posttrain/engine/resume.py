@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,49 +13,18 @@ from typing import Any
 import numpy as np
 
 from posttrain.common.distributed import config_differences
-from posttrain.config import config_to_dict
 from posttrain.engine.checkpoints import (
     final_step,
     is_complete,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint_config,
     load_trainer_state,
 )
+from posttrain.engine.settings import HOW_TO_RUN
 from posttrain.models.lora import is_adapter_dir
 
 logger = logging.getLogger("posttrain")
-
-# Settings whose change makes the resumed run differ from an uninterrupted one in what it
-# trains on or in which order: refused unless resume_with_changes. The batch geometry is
-# checked as the global batch (micro x accumulation x ranks), so a run checkpointed on N
-# ranks resumes exactly on M with the micro-batch scaled to match.
-BREAKS_EXACT_RESUME = (
-    "model",
-    "train_file",
-    "seed",
-    "group_by_length",
-    "max_seq_len",
-    "truncation",
-    "append_eos",
-    "prompt_field",
-    "response_field",
-    "messages_field",
-    "loss_normalization",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-)
-# Settings that say how to run, not what to train: never reported as changes.
-HOW_TO_RUN = (
-    "resume",
-    "resume_from",
-    "resume_with_changes",
-    "overwrite",
-    "progress",
-    "num_threads",
-    "output_dir",
-)
 
 
 @dataclass(frozen=True)
@@ -107,6 +76,8 @@ def find_resume_point(
         )
     if resume_from is not None:
         checkpoint = Path(resume_from)
+        if not checkpoint.exists():
+            raise ValueError(f"--resume {checkpoint}: no such checkpoint; {_existing(checkpoint)}")
         if not is_complete(checkpoint):
             raise ValueError(
                 f"--resume {checkpoint}: not a complete checkpoint directory (expected "
@@ -126,16 +97,28 @@ def find_resume_point(
     return ResumePoint(checkpoint)
 
 
+def _existing(checkpoint: Path) -> str:
+    """Which checkpoints the run of `checkpoint` (OUTPUT_DIR/checkpoints/step-N) has."""
+    found = list_checkpoints(checkpoint.parent.parent)
+    if not found:
+        return f"{checkpoint.parent} holds no complete checkpoint"
+    # Only the newest keep_last are kept: an older step was deleted when a newer one saved.
+    return f"complete checkpoints there: {', '.join(str(p) for p in found)}"
+
+
 def check_resume_settings(
     checkpoint: Path,
-    config: Any,
+    current: Mapping[str, Any],
+    breaks_exact_resume: Collection[str],
+    problems: Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]],
     fingerprint: str,
-    world_size: int,
+    resume_with_changes: bool,
 ) -> None:
     """Log what changed since the checkpoint; refuse changes that break an exact resume
-    (the global batch, and a changed training set too) unless `config.resume_with_changes`."""
-    saved = config_to_dict(load_checkpoint_config(checkpoint))
-    current = config_to_dict(config)
+    unless `resume_with_changes`: a changed key of `breaks_exact_resume`, a different
+    training set (`fingerprint`), and whatever `problems(saved_config, saved_extra)`
+    names (a method's own conditions, such as its global batch)."""
+    saved = load_checkpoint_config(checkpoint)
     mismatch = lora_mismatch(checkpoint, saved, current)
     if mismatch:
         raise ValueError(mismatch)
@@ -145,17 +128,14 @@ def check_resume_settings(
             {k: saved.get(k) for k in changed}, {k: current[k] for k in changed}
         )
         logger.info("resuming with changed settings: %s", "; ".join(lines))
-    breaking = [key for key in changed if key in BREAKS_EXACT_RESUME]
+    breaking = [key for key in changed if key in breaks_exact_resume]
     extra = load_trainer_state(checkpoint).get("extra", {})
     extra = extra if isinstance(extra, Mapping) else {}
-    saved_batch = saved["micro_batch_size"] * saved["grad_accum_steps"] * extra.get("world_size", 1)
-    batch = config.micro_batch_size * config.grad_accum_steps * world_size
-    if saved_batch != batch:
-        breaking.append(f"the global batch ({saved_batch} -> {batch} examples per step)")
+    breaking += problems(saved, extra)
     saved_fp = extra.get("data_fingerprint")
     if saved_fp is not None and saved_fp != fingerprint:
         breaking.append("the training data (its tokens differ from the checkpoint's)")
-    if breaking and not config.resume_with_changes:
+    if breaking and not resume_with_changes:
         raise ValueError(
             f"cannot resume {checkpoint} exactly: changed {', '.join(breaking)}. Undo the "
             "change, or pass --resume-with-changes to continue anyway (the run will not "

@@ -1,4 +1,9 @@
-"""The state of every random generator a training loop draws from, for exact resume."""
+"""The state of every random generator a training loop draws from, for exact resume.
+
+Each rank draws from its own generators (dropout masks differ by rank, for one), so a
+checkpoint keeps every rank's states (`rng_per_rank`) and rank r of a run resumed on
+the same number of ranks gets rank r's back.
+"""
 
 from __future__ import annotations
 
@@ -81,3 +86,16 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state(device_state, index)
     if "torch_mps" in state and hasattr(torch, "mps") and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["torch_mps"])
+
+
+def rank_rng_state(
+    trainer_state: Mapping[str, Any], rank: int, world_size: int
+) -> tuple[Mapping[str, Any], bool]:
+    """The generator states rank `rank` of a `world_size`-rank run resumes with, and
+    whether they are its own: the checkpoint's rank `rank` when it was saved by as many
+    ranks; otherwise (another number of ranks, or a checkpoint of an older posttrain
+    that kept rank 0's only) the saved rank's of the same number where there is one,
+    else rank 0's."""
+    per_rank = trainer_state.get("rng_per_rank") or [trainer_state["rng"]]
+    own = len(per_rank) == world_size
+    return per_rank[rank] if rank < len(per_rank) else per_rank[0], own

@@ -10,9 +10,10 @@ from torch import nn
 
 from posttrain.common.devices import autocast, to_device
 from posttrain.common.distributed import DistInfo, unwrap_model
+from posttrain.common.sums import Sums
 from posttrain.data.batching import collate
 from posttrain.data.tokenized import TokenizedExample
-from posttrain.models.policy import StepStats
+from posttrain.models.policy import NLL_STATISTICS, nll_statistics
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def evaluate_loss(
     module.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     mine = order[info.rank :: info.world_size]
-    stats = StepStats()
+    stats = Sums(NLL_STATISTICS)
     # Under FSDP every forward all-gathers parameters, so every rank runs the same number
     # of forwards; one that has run out of examples repeats one and does not count it.
     rounds = math.ceil(math.ceil(len(examples) / info.world_size) / micro_batch_size)
@@ -51,16 +52,17 @@ def evaluate_loss(
                 batch["response_mask"].float(),
             )
         if ids:
-            stats.add(out, batch)
+            stats.add(nll_statistics(out, batch["attention_mask"]))
         if on_batch is not None:
             scored = min(len(examples), (start + micro_batch_size) * info.world_size)
             on_batch(f"eval {scored}/{len(examples)}")
     module.train()
     total = stats.all_reduced(info)
-    nll = total.nll_sum / max(total.num_tokens, 1.0)
+    tokens = max(total["num_tokens"], 1.0)
+    nll = total["nll_sum"] / tokens
     return {
         "eval_loss": nll,
         "eval_perplexity": math.exp(min(nll, 700.0)),
-        "eval_entropy": total.mean_entropy,
-        "eval_token_accuracy": total.token_accuracy,
+        "eval_entropy": total["entropy_sum"] / tokens,
+        "eval_token_accuracy": total["num_correct"] / tokens,
     }

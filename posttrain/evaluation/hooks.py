@@ -1,4 +1,7 @@
-"""Generation evaluation during `posttrain sft`: does the model get the answers right?
+"""Evaluations during training, as hooks the engine runs on their own cadence.
+
+`LossEvalHook`: response-token loss, perplexity and accuracy on held-out examples.
+`GenerationEvalHook`: does the model get the answers right? (below)
 
 Every `eval_generate_every` steps and at the end, the model answers the first
 `eval_generate_limit` prompts of `eval_generate_file` greedily through the same path as
@@ -13,15 +16,16 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from posttrain.common.devices import autocast
 from posttrain.common.distributed import DistInfo, is_fsdp
-from posttrain.data.tokenized import end_of_turn_token_ids
+from posttrain.data.tokenized import TokenizedExample, end_of_turn_token_ids
 from posttrain.evaluation.answers import evaluate_answers, load_eval_data, write_generations
+from posttrain.evaluation.held_out_loss import evaluate_loss
 from posttrain.generation.prompts import build_prompts
 from posttrain.rewards import RewardFn, get_reward_fn
 
@@ -137,3 +141,60 @@ def run_generation_eval(
         "eval_format_rate": float(summary["format_rate"]),
         "eval_mean_response_length": float(summary["mean_response_length"]),
     }
+
+
+class HookRun(Protocol):
+    """What a hook reads of the engine's `Run`."""
+
+    info: DistInfo
+    model: nn.Module
+    tokenizer: Any
+    pad_id: int
+    policy: Any
+    module: nn.Module
+    autocast_dtype: torch.dtype | None
+
+
+@dataclass
+class LossEvalHook:
+    """Held-out response-token loss (`held_out_loss.evaluate_loss`) every `every` steps
+    and at the end."""
+
+    examples: list[TokenizedExample]
+    micro_batch_size: int
+    every: int
+
+    def __call__(self, run: HookRun, done: int, status: Callable[[str], None]) -> dict[str, float]:
+        return evaluate_loss(
+            run.module,
+            self.examples,
+            self.micro_batch_size,
+            run.pad_id,
+            run.info,
+            run.autocast_dtype,
+            on_batch=status,
+        )
+
+
+@dataclass
+class GenerationEvalHook:
+    """Greedy answers to held-out prompts, scored (`run_generation_eval`), every `every`
+    steps and at the end."""
+
+    spec: GenerationEval
+    every: int
+
+    def __call__(self, run: HookRun, done: int, status: Callable[[str], None]) -> dict[str, float]:
+        # Generation's caches need the memory more than the next step needs to skip the
+        # page faults of fresh loss buffers.
+        run.policy.release_buffers()
+        return run_generation_eval(
+            self.spec,
+            run.model,
+            run.tokenizer,
+            run.module,
+            run.info,
+            done,
+            run.autocast_dtype,
+            status,
+        )

@@ -1,40 +1,39 @@
-"""The SFT training loss: response-token NLL through the fused chunked kernel.
+"""The policy module: a causal LM with its lean training loss and log-probs, as one module.
 
-`ResponseLoss` wraps the model and its loss in one module so that DDP and FSDP see a
-single forward per micro-batch; `loss_weights` and `step_denominator` normalise the loss
-by the globally counted response tokens (or sequences) of an optimizer step, so that the
-step's gradient is the same however the step is split into micro-batches and ranks;
-`StepStats` sums a step's statistics.
+`PolicyModule` is what the engine wraps with DDP or FSDP. Its one `forward` serves every
+method, so the wrapper's hooks fire whatever a method asks of the model:
+
+- `output="loss"`: the weighted token NLL through the fused chunked kernel (SFT's
+  objective, and any method that trains on token log-likelihoods), a `FusedNLL`;
+- `output="log_probs"`: per-token log-probs (and entropy), lean, for RL's old-policy
+  and reference scoring and DPO's sequence log-probs.
+
+Neither builds the (batch, seq, vocab) logits: only the positions asked for go through
+the head, a chunk at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import astuple, dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from posttrain.common.distributed import DistInfo, all_reduce_sum
 from posttrain.models.heads import body_hidden_states, find_linear_head
 from posttrain.ops.fused_nll import FusedNLL, fused_linear_nll
 from posttrain.ops.workspace import Workspace
-from posttrain.primitives import full_logits_log_probs
+from posttrain.primitives import full_logits_log_probs, lean_response_log_probs
 
 
-class ResponseLoss(nn.Module):
-    """The model plus its response-token loss, as one module.
-
-    Wrapping both in one `forward` lets DDP and FSDP see a single forward per
-    micro-batch (their hooks fire on it), while the loss never builds the full
-    (batch, seq, vocab) logits: only response positions go through the head.
+class PolicyModule(nn.Module):
+    """The model plus its lean loss and log-probs, as one module.
 
     chunk_size: rows of logits per chunk (None: from the memory budget); matmul_dtype:
-    dtype of the head matmuls (None: the weights' dtype, torch.bfloat16 to narrow them).
-    `workspace` keeps the head's chunk buffers and narrowed weight between calls; whoever
-    changes the weights calls its `forget_casts()` (the training loop does, after each
-    optimizer step).
+    dtype of the loss's head matmuls (None: the weights' dtype, torch.bfloat16 to narrow
+    them). `workspace` keeps the head's chunk buffers and narrowed weight between calls;
+    whoever changes the weights calls `weights_changed()` (the engine does, after each
+    optimizer step), and `release_buffers()` gives the memory back (before generation).
     """
 
     def __init__(
@@ -54,13 +53,26 @@ class ResponseLoss(nn.Module):
         self.head = find_linear_head(model)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, weights: Tensor
-    ) -> FusedNLL:
-        """Loss sum_i w_i * -log p(label_i) over positions with a non-zero weight.
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        weights: Tensor | None = None,
+        *,
+        output: Literal["loss", "log_probs"] = "loss",
+        with_entropy: bool = False,
+    ) -> FusedNLL | dict[str, Tensor]:
+        """input_ids, attention_mask, labels: (batch, seq) int64.
 
-        input_ids, attention_mask, labels: (batch, seq) int64; weights: (batch, seq)
-        float32, zero off the response.
+        output "loss": sum_i w_i * -log p(label_i) over positions with a non-zero weight;
+        weights (batch, seq) float32, zero off the response. Returns a `FusedNLL`.
+        output "log_probs": {"log_probs": (batch, seq) float32} of every label, plus
+        "token_entropy" (batch, seq) float32 with `with_entropy`; differentiable.
         """
+        if output == "log_probs":
+            return self._log_probs(input_ids, attention_mask, labels, with_entropy)
+        if output != "loss" or weights is None:
+            raise ValueError(f"output must be 'loss' (with weights) or 'log_probs', got {output!r}")
         positions = weights != 0
         if self.head is None:
             return self._full_logits_loss(input_ids, attention_mask, labels, weights, positions)
@@ -84,6 +96,37 @@ class ResponseLoss(nn.Module):
                 softcap=head.softcap,
                 workspace=self.workspace,
             )
+
+    def weights_changed(self) -> None:
+        """Forget the narrowed head weight: the next call narrows the new weights."""
+        self.workspace.forget_casts()
+
+    def release_buffers(self) -> None:
+        """Give the loss's scratch memory back (generation needs it more)."""
+        self.workspace.release()
+
+    def _log_probs(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, with_entropy: bool
+    ) -> dict[str, Tensor]:
+        out = lean_response_log_probs(
+            self.model,
+            input_ids,
+            labels,
+            attention_mask=attention_mask,
+            return_token_entropy=with_entropy,
+            chunk_size=self.chunk_size,
+        )
+        if out is not None:
+            return out
+        full = full_logits_log_probs(
+            self.model,
+            input_ids,
+            labels,
+            attention_mask=attention_mask,
+            return_token_entropy=with_entropy,
+        )
+        full.pop("is_argmax")
+        return full
 
     def _full_logits_loss(
         self,
@@ -112,60 +155,30 @@ class ResponseLoss(nn.Module):
         )
 
 
-def loss_weights(response_mask: Tensor, normalization: str, denominator: float) -> Tensor:
-    """Per-token loss weights of a micro-batch, (batch, seq) float32.
-
-    token: every response token weighs 1 / (response tokens in the global step), so the
-    step's loss is the mean over its tokens however it is split into micro-batches.
-    sequence: a sequence's tokens weigh 1 / (its response tokens * sequences with a
-    response in the global step): each sequence's mean, averaged over sequences.
-    """
-    mask = response_mask.float()
-    if normalization == "token":
-        return mask / denominator
-    per_row = mask.sum(-1, keepdim=True).clamp(min=1)
-    return mask / per_row / denominator
+# The name before the policy module served log-probs too; kept for one release.
+ResponseLoss = PolicyModule
 
 
-def step_denominator(
-    batches: Sequence[dict[str, Tensor]], normalization: str, info: DistInfo
-) -> float:
-    """The global count that normalises a step's loss: response tokens or sequences."""
-    if normalization == "token":
-        local = sum(float(b["response_mask"].sum()) for b in batches)
-    else:
-        local = sum(float((b["response_mask"].sum(-1) > 0).sum()) for b in batches)
-    total = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=info.device), info)
-    return max(float(total), 1.0)
+NLL_STATISTICS = ("nll_sum", "entropy_sum", "num_correct", "num_tokens", "num_input_tokens")
 
 
-@dataclass
-class StepStats:
-    """Sums over a step's (or an evaluation's) micro-batches, on this rank."""
+def nll_statistics(out: FusedNLL, attention_mask: Tensor) -> dict[str, Tensor | int]:
+    """A micro-batch's NLL statistics for `posttrain.common.sums.Sums` (no host sync):
+    its summed NLL and entropy, correct and scored tokens, and input tokens."""
+    return {
+        "nll_sum": out.nll_sum,
+        "entropy_sum": out.entropy_sum,
+        "num_correct": out.num_correct,
+        "num_tokens": out.num_tokens,
+        "num_input_tokens": attention_mask.sum(),
+    }
 
-    loss: float = 0.0
-    nll_sum: float = 0.0
-    entropy_sum: float = 0.0
-    num_correct: float = 0.0
-    num_tokens: float = 0.0
-    num_input_tokens: float = 0.0
 
-    def add(self, out: FusedNLL, batch: dict[str, Tensor]) -> None:
-        self.loss += float(out.loss.detach())
-        self.nll_sum += float(out.nll_sum)
-        self.entropy_sum += float(out.entropy_sum)
-        self.num_correct += float(out.num_correct)
-        self.num_tokens += float(out.num_tokens)
-        self.num_input_tokens += float(batch["attention_mask"].sum())
-
-    def all_reduced(self, info: DistInfo) -> StepStats:
-        values = torch.tensor(astuple(self), dtype=torch.float64, device=info.device)
-        return StepStats(*all_reduce_sum(values, info).tolist())
-
-    @property
-    def mean_entropy(self) -> float:
-        return self.entropy_sum / max(self.num_tokens, 1.0)
-
-    @property
-    def token_accuracy(self) -> float:
-        return self.num_correct / max(self.num_tokens, 1.0)
+def nll_summary(totals: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """Mean NLL per token, mean entropy and token accuracy from summed `nll_statistics`."""
+    tokens = max(totals["num_tokens"], 1.0)
+    return {
+        f"{prefix}nll": totals["nll_sum"] / tokens,
+        f"{prefix}entropy": totals["entropy_sum"] / tokens,
+        f"{prefix}token_accuracy": totals["num_correct"] / tokens,
+    }
