@@ -285,6 +285,27 @@ def test_cli_json_html_and_plot(tmp_path: Path, nobos_tokenizer, capsys) -> None
     assert "no eval_file" in capsys.readouterr().err
 
 
+def test_inspect_writes_no_plot_where_it_was_not_asked_for(
+    tmp_path: Path, nobos_tokenizer, capsys, monkeypatch
+) -> None:
+    """The PNG went into the current directory under a name the README did not show."""
+    model_dir = tmp_path / "tok"
+    nobos_tokenizer.save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["inspect", "--model", str(model_dir), "--train-file", str(data)]) == 0
+    assert "plot:" not in capsys.readouterr().out
+    assert list(cwd.iterdir()) == []
+    report = tmp_path / "reports" / "gsm8k.html"
+    report.parent.mkdir()
+    argv = ["inspect", "--model", str(model_dir), "--train-file", str(data), "--html", str(report)]
+    assert main(argv) == 0
+    assert f"  plot: {tmp_path / 'reports' / 'gsm8k_lengths.png'}" in capsys.readouterr().out
+    assert list(cwd.iterdir()) == []
+
+
 def test_length_percentiles_of_nothing() -> None:
     assert set(length_percentiles([]).values()) == {0}
     assert length_percentiles([5]) == dict.fromkeys(["min", "p50", "p90", "p95", "p99", "max"], 5)

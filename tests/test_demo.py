@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +219,75 @@ def test_generate_reports_a_missing_model_in_one_line(
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def test_demo_flag_errors_answer_before_torch(tmp_path: Path) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    cases = {
+        ("--max-steps", "0"): "--max-steps must be at least 1, got 0",
+        ("--seed", "-1"): "--seed must be in [0, 2**32), got -1",
+        ("--output-dir", str(tmp_path / "busy")): f"output_dir {tmp_path / 'busy'} is not empty",
+    }
+    for flags, message in cases.items():
+        code = (
+            "import sys\n"
+            "from posttrain.cli.main import main\n"
+            f"code = main(['demo', *{list(flags)!r}])\n"
+            "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules], code)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert "HEAVY [] 2" in done.stdout, done.stdout + done.stderr
+        assert f"posttrain demo: error: {message}" in done.stderr
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_demo_stopped_by_sigterm_during_training_is_one_line(tmp_path: Path) -> None:
+    """It ended in a 25-line TrainingInterrupted traceback and exit 1."""
+    out = tmp_path / "demo"
+    argv = ["--output-dir", str(out), "--max-steps", "100000", "--seed", "3", "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posttrain", "demo", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        # A first metrics line: the training loop is running (and handles the signal).
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").is_file() or '"loss"' not in (
+            out / "metrics.jsonl"
+        ).read_text(encoding="utf-8"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.startswith("posttrain demo: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("posttrain demo: stopped by SIGTERM after training step "), err
+    rerun = f"posttrain demo --output-dir {out} --overwrite --seed 3 --max-steps 100000"
+    assert lines[0].endswith(f"run it again with: {rerun} --no-progress"), err
+
+
+def test_demo_ctrl_c_outside_training_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import posttrain.demo.run as demo_run_module
+
+    def interrupted(**kwargs: object) -> dict:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_run_module, "run_demo", interrupted)
+    assert main(["demo", "--output-dir", str(tmp_path / "d")]) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        "posttrain demo: stopped by SIGINT; a demo does not resume, run it again with: "
+        f"posttrain demo --output-dir {tmp_path / 'd'} --overwrite\n"
+    )

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
 
-from posttrain.demo.task import DEFAULT_MAX_STEPS, DEFAULT_OUTPUT_DIR
+from posttrain.demo.task import DEFAULT_MAX_STEPS, DEFAULT_OUTPUT_DIR, DemoError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,15 +49,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from posttrain.demo.run import format_summary, run_demo
+def check_before_torch(args: argparse.Namespace) -> None:
+    """The flags, and an output directory the demo may write into, checked before torch
+    is imported (the full check of what DIR holds follows, before anything is written)."""
+    if args.max_steps < 1:
+        raise DemoError(f"--max-steps must be at least 1, got {args.max_steps}")
+    if not 0 <= args.seed < 2**32:
+        raise DemoError(f"--seed must be in [0, 2**32), got {args.seed}")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"{str(out)!r} exists and is not a directory")
+    if not args.overwrite and out.is_dir() and any(out.iterdir()):
+        raise DemoError(
+            f"output_dir {out} is not empty: pass --overwrite to replace an earlier demo run "
+            "there, or choose another --output-dir"
+        )
 
-    summary = run_demo(
-        output_dir=args.output_dir,
-        seed=args.seed,
-        max_steps=args.max_steps,
-        overwrite=args.overwrite,
-        progress=args.progress,
-    )
+
+def rerun_command(args: argparse.Namespace) -> str:
+    """The command that runs this demo again from the start (it does not resume)."""
+    argv = ["posttrain", "demo", "--output-dir", str(args.output_dir), "--overwrite"]
+    if args.seed != 0:
+        argv += ["--seed", str(args.seed)]
+    if args.max_steps != DEFAULT_MAX_STEPS:
+        argv += ["--max-steps", str(args.max_steps)]
+    return shlex.join(argv + ([] if args.progress else ["--no-progress"]))
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop (whose own handler stops it after a step). Not
+    an Exception, as KeyboardInterrupt is not, so that no `except Exception` holds it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated(signum)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_before_torch(args)
+    from posttrain.demo.run import format_summary, run_demo
+    from posttrain.sft.train import TrainingInterrupted
+
+    # SIGTERM ends the demo as Ctrl-C does: one line and 143, not a silent kill. The
+    # training loop installs its own handlers while it runs and restores this one.
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    signum, during = 0, ""
+    try:
+        summary = run_demo(
+            output_dir=args.output_dir,
+            seed=args.seed,
+            max_steps=args.max_steps,
+            overwrite=args.overwrite,
+            progress=args.progress,
+        )
+    except TrainingInterrupted as stop:
+        signum, during = stop.signum, f" after training step {stop.step}"
+    except KeyboardInterrupt:
+        signum = signal.SIGINT
+    except _Terminated as stop:
+        signum = stop.signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if signum:
+        print(
+            f"posttrain demo: stopped by {signal.Signals(signum).name}{during}; a demo does "
+            f"not resume, run it again with: {rerun_command(args)}",
+            file=sys.stderr,
+        )
+        return 128 + signum
     print(format_summary(summary, args.output_dir))
     return 0

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from posttrain.cli.common import check_data_path, check_model_dir
 from posttrain.config.eval import EVAL_SPEC, EvalConfig
 
 ARTIFACTS = ("summary.json", "generations.jsonl")
@@ -194,8 +195,21 @@ def _evaluate(cfg: EvalConfig, info: Any) -> Any:
         )
 
 
+def check_before_torch(cfg: EvalConfig) -> None:
+    """Paths, the reward and the output directory, checked before torch is imported (the
+    data's rows and the template follow, still before the model loads)."""
+    from posttrain.engine.run_dir import check_output_dir
+    from posttrain.rewards import get_reward_fn
+
+    check_model_dir(cfg.model)
+    check_data_path(cfg.data, "--data")
+    get_reward_fn(cfg.reward)
+    check_output_dir(cfg.output_dir, ARTIFACTS, overwrite=cfg.overwrite, resume=None)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = EVAL_SPEC.from_args(args)
+    check_before_torch(cfg)
     from pathlib import Path
 
     from posttrain.common.distributed import init_distributed, shutdown

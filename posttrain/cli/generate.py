@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from posttrain.cli.common import check_model_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
@@ -29,11 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Flags and paths first: torch takes seconds to import.
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_model_dir(args.model)
     from posttrain.data.tokenized import end_of_turn_token_ids
     from posttrain.generation.decode import generate, load_model_and_tokenizer
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     # A chat model ends its turn with its template's end-of-turn token (<|im_end|>), which
     # may not be the tokenizer's EOS: stop at either.

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from posttrain.cli.common import check_data_path, check_model_dir
 from posttrain.config import add_config_arguments, config_from_args
 
 # The settings that change what inspect shows: the data, how it is tokenized, and the
@@ -55,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot",
         metavar="FILE",
         default=None,
-        help="where to write the PNG histogram of lengths (default: next to --html, else "
-        "inspect_<data file>_lengths.png in the current directory; 'none': no plot)",
+        help="also write a PNG histogram of lengths to FILE (default: with --html, "
+        "next to it as <html name>_lengths.png, else none; 'none': no plot)",
     )
     group.add_argument(
         "--eval",
@@ -65,16 +66,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _plot_path(args: argparse.Namespace, data_path: str) -> Path | None:
+def _plot_path(args: argparse.Namespace) -> Path | None:
+    """Where the user asked for the histogram: `--plot FILE`, or next to `--html` (its
+    name + `_lengths.png`); nothing is written into the current directory unasked."""
     if args.plot is not None:
         return None if args.plot.lower() == "none" else Path(args.plot)
     if args.html:
         html = Path(args.html)
         return html.with_name(html.stem + "_lengths.png")
-    return Path(f"inspect_{Path(data_path).name.split('.')[0]}_lengths.png")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
+    # Flags and paths first: torch takes seconds to import.
+    if args.num_examples < 0:
+        raise ValueError(f"--num-examples must be >= 0, got {args.num_examples}")
+    config = config_from_args(args, only=INSPECT_SETTINGS)
+    data_path = config.eval_file if args.eval else config.train_file
+    if data_path is None:
+        raise ValueError("--eval given but no eval_file is set")
+    check_model_dir(config.model)
+    check_data_path(data_path, "--eval-file" if args.eval else "--train-file")
     from rich.console import Console
 
     from posttrain.data.records import load_records
@@ -91,12 +103,6 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.engine.checkpoints import load_tokenizer
     from posttrain.primitives import pad_token_id_of
 
-    if args.num_examples < 0:
-        raise ValueError(f"--num-examples must be >= 0, got {args.num_examples}")
-    config = config_from_args(args, only=INSPECT_SETTINGS)
-    data_path = config.eval_file if args.eval else config.train_file
-    if data_path is None:
-        raise ValueError("--eval given but no eval_file is set")
     tokenizer = load_tokenizer(config.model)
     fmt = config.data_format()
     records = load_records(data_path, fmt)
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     )
     views = example_views(examples[: args.num_examples], tokenizer, pad_token_id_of(tokenizer))
 
-    plot = _plot_path(args, data_path)
+    plot = _plot_path(args)
     if plot is not None:
         write_length_histogram(stats.total_lengths, config.max_seq_len, plot)
     html = write_html(args.html, views, stats, plot) if args.html else None

@@ -6,10 +6,16 @@ import argparse
 import shlex
 import signal
 import sys
-from pathlib import Path
 
-from posttrain.cli.common import env_rank
+from posttrain.cli.common import (
+    check_data_path,
+    check_model_dir,
+    check_tracker,
+    env_rank,
+    logger,
+)
 from posttrain.config import SFTConfig, add_config_arguments, config_from_args
+from posttrain.config.values import flag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,16 +29,18 @@ def resume_command(argv: list[str]) -> str:
 
 
 def check_paths(config: SFTConfig) -> None:
-    """The input paths exist: checked before torch is imported, so a typo costs no wait."""
-    if not Path(config.model).is_dir():
-        raise ValueError(
-            f"model path {config.model!r} does not exist or is not a directory (posttrain "
-            "loads local Hugging Face model directories)"
-        )
+    """The input paths exist and the tracker is installed: checked before torch is
+    imported, so a typo costs no wait. Settings that would be ignored are warned about."""
+    check_model_dir(config.model)
     for name in ("train_file", "eval_file", "eval_generate_file"):
-        path = getattr(config, name)
-        if path is not None and not Path(path).exists():
-            raise ValueError(f"data file not found: {path} (--{name.replace('_', '-')})")
+        check_data_path(getattr(config, name), flag(name))
+    check_tracker(config.report_to)
+    if config.reward is not None and config.eval_generate_file is None and env_rank() == 0:
+        logger.warning(
+            "posttrain sft: --reward %s is ignored without --eval-generate-file (the "
+            "prompts with gold answers it would score)",
+            config.reward,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
