@@ -144,6 +144,16 @@ def two_ranks(workdir) -> dict[str, Any]:
         settings = base_settings(workdir, model, workdir / f"two-lora-{strategy}")
         settings.update(micro_batch_size=2, strategy=strategy, **LORA)
         jobs[f"lora-{strategy}"] = {"argv": cli_args(settings)}
+    # LoRA with dropout: the ranks draw different masks, so only each rank's own random
+    # state makes the run resumed from its mid-run checkpoint match the uninterrupted one.
+    dropout = base_settings(workdir, "model", workdir / "two-dropout")
+    dropout.update(micro_batch_size=2, **{**LORA, "lora_dropout": 0.3})
+    jobs["dropout"] = {"argv": cli_args(dropout)}
+    dropout.update(
+        output_dir=str(workdir / "two-dropout-resumed"),
+        resume=str(workdir / "two-dropout/checkpoints/step-000003"),
+    )
+    jobs["dropout-resumed"] = {"argv": cli_args(dropout)}
     disagree = base_settings(workdir, "model", workdir / "two-disagree")
     jobs["disagree"] = {"argv": cli_args(disagree), "rank1_extra": ["--lr", "0.001"]}
     tiny = base_settings(workdir, "model", workdir / "two-tiny")
@@ -292,6 +302,75 @@ def test_lora_two_ranks_match_one_process(workdir, two_ranks, tmp_path, strategy
     resumed, _ = read_metrics(out)
     for a, b in zip(resumed[3:], train_two[3:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE, rel=0), (a, b)
+
+
+def test_two_rank_lora_dropout_run_resumes_exactly(workdir, two_ranks) -> None:
+    """Resumed with --resume PATH from its own mid-run checkpoint, a 2-rank LoRA run
+    with dropout 0.3 ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from posttrain.engine.checkpoints import load_trainer_state
+
+    for job in ("dropout", "dropout-resumed"):
+        assert all(c[job] == 0 for c in two_ranks["codes"]), two_ranks["stderr"][-4000:]
+    whole, resumed = workdir / "two-dropout", workdir / "two-dropout-resumed"
+    state = load_trainer_state(whole / "checkpoints/step-000003")
+    per_rank = state["rng_per_rank"]
+    assert len(per_rank) == 2 and not torch.equal(
+        per_rank[0]["torch_cpu"], per_rank[1]["torch_cpu"]
+    )
+    name = "final/adapter/adapter_model.safetensors"
+    want, got = load_file(whole / name), load_file(resumed / name)
+    assert set(want) == set(got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=key)
+    steps = [r["step"] for r in read_metrics(resumed)[0]]
+    assert steps == [4, 5]
+
+
+def test_sigterm_under_two_ranks_checkpoints_the_step(workdir, tmp_path) -> None:
+    """A job scheduler's SIGTERM to torchrun and its workers: both ranks finish the step,
+    save one complete checkpoint of it, and stop with the resume command."""
+    import time
+
+    from posttrain.engine.checkpoints import latest_checkpoint, load_trainer_state
+
+    out = tmp_path / "stopped"
+    settings = base_settings(workdir, "model", out)
+    settings.update(micro_batch_size=2, max_steps=500, save_every=0, eval_every=0)
+    settings.pop("eval_file")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    cmd += ["2", "-m", "posttrain", *cli_args(settings)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no training steps: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"did not stop on SIGTERM: {proc.communicate()[1][-3000:]}")
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None, stderr[-3000:]
+    step = int(load_trainer_state(checkpoint)["step"])
+    assert 2 <= step < 500
+    assert f"stopped by SIGTERM after step {step}" in stderr
+    assert len(load_trainer_state(checkpoint)["rng_per_rank"]) == 2
+    assert not (out / "final").exists()
 
 
 def test_ranks_that_disagree_on_the_config_stop_with_a_clear_error(two_ranks) -> None:

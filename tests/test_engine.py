@@ -140,6 +140,44 @@ def test_a_method_whose_state_is_not_restored_would_diverge(model_dir, tmp_path)
     assert any(not torch.allclose(got[n], want[n], atol=1e-6, rtol=0) for n in want)
 
 
+class ToyWithReference(ToyNLL):
+    needs_reference = True
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_log_probs_through_the_wrapper_and_a_frozen_reference(model_dir, tmp_path, lora) -> None:
+    """After a few steps the policy's log-probs have moved; the reference's are the
+    starting model's (a frozen copy, or with LoRA the model with its adapters off)."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.common.distributed import DistInfo
+    from posttrain.engine.setup import prepare_run
+    from posttrain.primitives import get_response_log_probs
+
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    lora_settings = {"lora_r": 4, "lora_dropout": 0.0, "lr": 5e-2} if lora else {}
+    settings = toy_settings(model_dir, tmp_path / "run", **lora_settings)
+    tokens = toy_tokens(int(load_file(model_dir / "model.safetensors")["lm_head.weight"].shape[0]))
+    method = ToyWithReference(settings, tokens, 5)
+    run = prepare_run(method, settings, cpu)
+    assert (run.reference is None) == lora  # LoRA holds no second model
+    for step in range(3):
+        method.step(run, step)
+    batch = {
+        "input_ids": tokens[:3, :-1],
+        "labels": tokens[:3, 1:],
+        "attention_mask": torch.ones_like(tokens[:3, :-1]),
+    }
+    start = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    want = get_response_log_probs(start, batch["input_ids"], batch["labels"])["log_probs"]
+    reference = run.reference_log_probs(batch)
+    torch.testing.assert_close(reference, want, atol=1e-5, rtol=1e-5)
+    assert not reference.requires_grad
+    policy = run.log_probs(batch, with_entropy=True)
+    assert policy["token_entropy"].shape == policy["log_probs"].shape == want.shape
+    assert (policy["log_probs"] - want).abs().max() > 1e-3  # the policy did move
+
+
 if __name__ == "__main__":
     import logging
 

@@ -36,7 +36,7 @@ def resumed(config: SFTConfig, **changes: object) -> SFTConfig:
     return SFTConfig(**{**config.__dict__, "resume": True, **changes})
 
 
-def test_resuming_a_finished_run_does_nothing(finished, capsys) -> None:
+def test_resuming_a_finished_run_does_nothing(finished, capsys, caplog) -> None:
     config, out = finished
     before = snapshot(out)
     result = train(resumed(config))
@@ -49,6 +49,8 @@ def test_resuming_a_finished_run_does_nothing(finished, capsys) -> None:
     said = capsys.readouterr().out
     assert "already finished (6 steps): nothing to do" in said and "nan" not in said
     assert snapshot(out) == before
+    # Said once, in one wording (issue 21, 12): not also as a log line.
+    assert (said + caplog.text).count("nothing to do") == 1
 
 
 def test_resuming_a_finished_run_loads_no_weights(workdir: Path, tmp_path: Path) -> None:
@@ -145,3 +147,59 @@ def test_changed_training_data_is_refused(finished, workdir, tmp_path) -> None:
     finally:
         (workdir / "train.jsonl").unlink()
         (tmp_path / "original.jsonl").rename(workdir / "train.jsonl")
+
+
+# Each optimizer setting a resume accepts as changed (issue 21, 1), with a new value.
+ACCEPTED_CHANGES = [
+    ("lr", 1e-3),
+    ("lr_scheduler", "linear"),
+    ("warmup_steps", 5),
+    ("min_lr_ratio", 0.5),
+    ("weight_decay", 0.3),
+    ("adam_beta1", 0.5),
+    ("adam_beta2", 0.9),
+    ("adam_eps", 1e-2),
+    ("max_grad_norm", 1e-4),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), ACCEPTED_CHANGES)
+def test_a_changed_optimizer_setting_takes_effect_from_the_resumed_step(
+    finished, name, value
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from posttrain.common.distributed import DistInfo
+    from posttrain.engine.metrics import read_metrics
+    from posttrain.engine.optim import lr_lambda
+    from posttrain.engine.settings import RunSettings
+    from posttrain.engine.setup import prepare_run
+    from posttrain.sft.method import SFT
+
+    config, out = finished
+    uninterrupted = load_file(out / "final" / "model.safetensors")
+    cut_final(out)
+    changed = resumed(config, **{name: value})
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    run = prepare_run(SFT(changed), RunSettings.of(changed), cpu)
+    assert run.start_step == 4
+    factor = lr_lambda(changed.lr_scheduler, changed.warmup_steps, changed.min_lr_ratio, 6)(4)
+    assert run.scheduler.get_last_lr()[0] == pytest.approx(changed.lr * factor)
+    decayed, plain = run.optimizer.param_groups
+    assert decayed["lr"] == pytest.approx(changed.lr * factor)
+    assert decayed["betas"] == (changed.adam_beta1, changed.adam_beta2)
+    assert decayed["eps"] == changed.adam_eps == plain["eps"]
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (changed.weight_decay, 0.0)
+    train(changed)
+    rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "lr" in r}
+    expected = lr_lambda(changed.lr_scheduler, changed.warmup_steps, changed.min_lr_ratio, 6)
+    for step in (5, 6):
+        assert rows[step]["lr"] == pytest.approx(changed.lr * expected(step - 1))
+    if name == "max_grad_norm":
+        assert rows[5]["grad_norm"] > value  # so the tiny clip norm did act
+    final = load_file(out / "final" / "model.safetensors")
+    assert any(not torch.equal(final[k], uninterrupted[k]) for k in final)
+    # What final/ records is what was trained.
+    saved = (out / "final" / "config.yaml").read_text()
+    assert f"{name}: {value}" in saved or f"{name}: {value!r}" in saved

@@ -35,7 +35,13 @@ from posttrain.engine.rng_state import rank_rng_state, restore_rng_state
 from posttrain.engine.run import Run
 from posttrain.engine.run_dir import check_output_dir, prepare_output_dir
 from posttrain.engine.settings import ENGINE_BREAKS_EXACT_RESUME, RunSettings
-from posttrain.models.loading import load_model, load_model_weights, load_tokenizer_of, model_chain
+from posttrain.models.loading import (
+    check_model_weights,
+    load_model,
+    load_model_weights,
+    load_tokenizer_of,
+    model_chain,
+)
 from posttrain.models.lora import LoraSettings, apply_lora, load_adapter_weights, require_peft
 from posttrain.models.policy import PolicyModule
 from posttrain.primitives import pad_token_id_of
@@ -84,7 +90,9 @@ def prepare_run(method: Method, settings: RunSettings, info: DistInfo) -> Run | 
     if settings.lora:
         require_peft()  # before anything slow: a missing package is one line, at once
     out = _output_dir(settings, info)
-    chain = model_chain(settings.model)
+    # Without resume the weights are surely needed: a directory without them is said at
+    # once; a resumed run may be finished, which it says without reading them.
+    chain = model_chain(settings.model, require_weights=not settings.resume)
     # The weights load only once the run is known to have work to do: resuming a
     # finished run answers at once.
     tokenizer = load_tokenizer_of(chain)
@@ -95,6 +103,7 @@ def prepare_run(method: Method, settings: RunSettings, info: DistInfo) -> Run | 
         raise ValueError(point)
     if point.finished:
         return _finished_result(out, total_steps)
+    check_model_weights(chain)
     model = _load_model(chain, settings, info)
     if point.checkpoint is not None:
         # Into the whole model, before any sharding; a LoRA checkpoint holds the adapter

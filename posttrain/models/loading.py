@@ -107,11 +107,13 @@ def load_pretrained(
     return load_model(chain, dtype), tokenizer
 
 
-def model_chain(model_dir: str | os.PathLike[str]) -> list[Path]:
+def model_chain(model_dir: str | os.PathLike[str], *, require_weights: bool = True) -> list[Path]:
     """The directories a model is made of: its base model directory (config.json) first,
     then each adapter merged into it, the one `model_dir` names last. ValueError for a
     path that is neither, a directory without weight files, or an adapter whose base is
-    not a directory here. Reads directory listings and configs only, no weights."""
+    not a directory here. Reads directory listings and configs only, no weights.
+    `require_weights=False` leaves the weight check to `check_model_weights`, for a
+    caller that may not need them (resuming a finished run answers without them)."""
     path = _model_dir(model_dir)
     adapters: list[Path] = []
     while not (path / "config.json").is_file():
@@ -126,8 +128,15 @@ def model_chain(model_dir: str | os.PathLike[str]) -> list[Path]:
             raise ValueError(f"{path}: adapters on adapters deeper than {len(adapters)} (a loop?)")
         adapters.append(path)
         path = _adapter_base(path)
-    _check_weights(path, _MODEL_WEIGHTS, "model weights")
-    return [path, *reversed(adapters)]
+    chain = [path, *reversed(adapters)]
+    if require_weights:
+        check_model_weights(chain)
+    return chain
+
+
+def check_model_weights(chain: list[Path]) -> None:
+    """ValueError, one line, when the base model of a `model_chain` has no weight files."""
+    _check_weights(chain[0], _MODEL_WEIGHTS, "model weights")
 
 
 # The weight files transformers and peft load from a directory (one, or an index of shards).
