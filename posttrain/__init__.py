@@ -1,8 +1,11 @@
-"""posttrain: supervised fine-tuning of causal language models.
+"""posttrain: post-training of causal language models.
 
-The guide's five primitives (plus `masked_mean`) and the policy-gradient losses are
-importable from here: `from posttrain import get_response_log_probs`. They are loaded on
-first use (PEP 562), so `posttrain --help` and other light commands never import torch.
+Importable from here: the guide's five primitives (plus `masked_mean`), the
+policy-gradient losses with CS336's names, and the library's entry points:
+`SFTConfig` and `train_sft` (`posttrain sft`), `generate`, `evaluate_answers` and
+`get_reward_fn` (`posttrain eval`), and the engine a new method plugs into (`Method`,
+`RunSettings`, `run_method`). Names load on first use (PEP 562), so
+`import posttrain`, `posttrain --help` and other light commands never import torch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ _moved.install()
 
 # Public name -> the module that defines it.
 _EXPORTS = {
+    "build_rollout_batch": "posttrain.primitives",
     "compute_entropy": "posttrain.primitives",
     "get_response_log_probs": "posttrain.primitives",
     "masked_mean": "posttrain.primitives",
@@ -28,9 +32,26 @@ _EXPORTS = {
     "compute_policy_gradient_loss": "posttrain.rl",
     "grpo_microbatch_train_step": "posttrain.rl",
     "kl_penalty": "posttrain.rl",
+    "SFTConfig": "posttrain.config",
+    "train_sft": "posttrain.sft.train",
+    "generate": "posttrain.generation.decode",
+    "evaluate_answers": "posttrain.evaluation.answers",
+    "get_reward_fn": "posttrain.rewards",
+    "Method": "posttrain.engine.method",
+    "RunSettings": "posttrain.engine.settings",
+    "run_method": "posttrain.engine.loop",
 }
 
 __all__ = [
+    "Method",
+    "RunSettings",
+    "SFTConfig",
+    "evaluate_answers",
+    "generate",
+    "get_reward_fn",
+    "run_method",
+    "train_sft",
+    "build_rollout_batch",
     "compute_entropy",
     "compute_group_normalized_rewards",
     "compute_grpo_clip_loss",
@@ -47,7 +68,16 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from posttrain.config import SFTConfig
+    from posttrain.engine.loop import run_method
+    from posttrain.engine.method import Method
+    from posttrain.engine.settings import RunSettings
+    from posttrain.evaluation.answers import evaluate_answers
+    from posttrain.generation.decode import generate
+    from posttrain.rewards import get_reward_fn
+    from posttrain.sft.train import train_sft
     from posttrain.primitives import (
+        build_rollout_batch,
         compute_entropy,
         get_response_log_probs,
         masked_mean,

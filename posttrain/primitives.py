@@ -130,9 +130,60 @@ def tokenize_prompt_and_output(
     """
     pad_id = pad_token_id_of(tokenizer)
     prompt_ids, output_ids = encode_prompts_and_outputs(prompt_strs, output_strs, tokenizer)
-    sequences = [p + o for p, o in zip(prompt_ids, output_ids, strict=True)]
-    masks = [[0.0] * len(p) + [1.0] * len(o) for p, o in zip(prompt_ids, output_ids, strict=True)]
-    return pad_and_shift(sequences, masks, pad_id)
+    return build_rollout_batch(prompt_ids, output_ids, pad_id)
+
+
+def _id_rows(name: str, rows: Sequence[Sequence[int]] | Tensor) -> list[list[int]]:
+    """`rows` as lists of non-negative ints (a row may be a list, tuple or 1-D tensor)."""
+    if isinstance(rows, str) or not isinstance(rows, (Sequence, Tensor)):
+        raise ValueError(f"{name} must be a list of token-id lists, got {type(rows).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        ids = row.tolist() if isinstance(row, Tensor) else row
+        if isinstance(ids, (str, int)) or not isinstance(ids, Sequence):
+            raise ValueError(f"{name}[{i}] must be a list of token ids, got {type(row).__name__}")
+        for j, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"{name}[{i}][{j}] is {token!r}, not a token id (an int >= 0)")
+        out.append(list(ids))
+    return out
+
+
+def build_rollout_batch(
+    prompt_ids: Sequence[Sequence[int]] | Tensor,
+    response_ids: Sequence[Sequence[int]] | Tensor,
+    pad_token_id: int,
+) -> dict[str, Tensor]:
+    """The training batch of sampled responses, from the token ids themselves.
+
+    RL must score the tokens the policy sampled: `generate`'s `Sample.token_ids`, the
+    stop token (EOS) included. Decoding them to text and tokenizing again loses that
+    EOS and can merge or split tokens differently, so the log-probs and clip ratio would
+    be of tokens the policy never produced. `prompt_ids[i]` are the ids the prompt was
+    given as (pass token-id prompts to `generate` to have them), `response_ids[i]` the
+    ids sampled after it. Rows are padded and shifted exactly as
+    `tokenize_prompt_and_output` pads them (`pad_and_shift`), with `pad_token_id`
+    (`pad_token_id_of(tokenizer)`).
+
+    Returns:
+        `input_ids` (batch, max_len - 1) int64, `labels` (batch, max_len - 1) int64 and
+        `response_mask` (batch, max_len - 1) float32, 1 exactly where `labels` holds a
+        response id: those labels, row by row, are `response_ids[i]`. `max_len` is the
+        longest prompt + response.
+
+    Raises:
+        ValueError: lists of different lengths, an empty batch, or an element that is
+            not a list of non-negative int ids.
+    """
+    prompts = _id_rows("prompt_ids", prompt_ids)
+    responses = _id_rows("response_ids", response_ids)
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        raise ValueError("empty batch: no prompts")
+    sequences = [p + r for p, r in zip(prompts, responses, strict=True)]
+    masks = [[0.0] * len(p) + [1.0] * len(r) for p, r in zip(prompts, responses, strict=True)]
+    return pad_and_shift(sequences, masks, pad_token_id)
 
 
 # --------------------------------------------------------------------------- entropy

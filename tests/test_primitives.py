@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from posttrain import (
+    build_rollout_batch,
     compute_entropy,
     get_response_log_probs,
     masked_mean,
@@ -519,3 +520,107 @@ def test_guide_training_loop_runs_unchanged(tiny_llama, llama_tokenizer) -> None
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(before[n])
+
+
+# --------------------------------------------------------------------------- rollout batch
+
+
+def reference_rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad: int):
+    """The rule written out per position: concatenate, right-pad, shift; a label is a
+    response token exactly when its position in the row falls in the response."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    inputs, labels, mask = [], [], []
+    for p, r in zip(prompts, responses, strict=True):
+        row = p + r + [pad] * (width - len(p) - len(r))
+        inputs.append(row[:-1])
+        labels.append(row[1:])
+        mask.append([float(len(p) <= j + 1 < len(p) + len(r)) for j in range(width - 1)])
+    return inputs, labels, mask
+
+
+id_lists = st.lists(st.integers(0, 500), min_size=0, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.tuples(id_lists, id_lists), min_size=1, max_size=6).filter(
+        lambda rows: max(len(p) + len(r) for p, r in rows) >= 1
+    ),
+    pad=st.integers(0, 500),
+)
+def test_rollout_batch_matches_the_naive_rule(rows, pad) -> None:
+    prompts, responses = [list(p) for p, _ in rows], [list(r) for _, r in rows]
+    batch = build_rollout_batch(prompts, responses, pad)
+    inputs, labels, mask = reference_rollout_batch(prompts, responses, pad)
+    assert batch["input_ids"].tolist() == inputs and batch["input_ids"].dtype == torch.int64
+    assert batch["labels"].tolist() == labels and batch["labels"].dtype == torch.int64
+    assert batch["response_mask"].tolist() == mask
+    assert batch["response_mask"].dtype == torch.float32
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        trained = batch["labels"][i][batch["response_mask"][i].bool()].tolist()
+        # Every sampled token is a label, except a first token with nothing before it.
+        assert trained == (r if p else r[1:])
+
+
+def test_rollout_batch_pads_as_tokenize_prompt_and_output(nobos_tokenizer) -> None:
+    prompts, outputs = ["Hello, world!", "Question: What is 12 + 30?"], [" 42", " Hi"]
+    expected = tokenize_prompt_and_output(prompts, outputs, nobos_tokenizer)
+    prompt_ids = nobos_tokenizer(prompts)["input_ids"]
+    output_ids = nobos_tokenizer(outputs, add_special_tokens=False)["input_ids"]
+    got = build_rollout_batch(prompt_ids, output_ids, nobos_tokenizer.pad_token_id)
+    for key in ("input_ids", "labels", "response_mask"):
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_rollout_batch_trains_exactly_the_sampled_tokens(tiny_llama, llama_tokenizer) -> None:
+    """The README's GRPO example re-tokenized `s.text`: the EOS that ended a response
+    was never trained, and other ids could differ from those sampled."""
+    from posttrain.generation import generate
+    from posttrain.primitives import pad_token_id_of
+
+    prompt_ids = llama_tokenizer(["Hello, world!", "Question: What is 12 + 30?"])["input_ids"]
+    eos = llama_tokenizer.eos_token_id
+    # Half the vocabulary ends a response, so that most samples stop on a stop token.
+    stops = list(range(0, len(llama_tokenizer), 2))
+    samples = generate(
+        tiny_llama,
+        llama_tokenizer,
+        prompt_ids,
+        max_new_tokens=12,
+        temperature=1.0,
+        n=4,
+        seed=0,
+        stop_token_ids=stops,
+    )
+    rows = [(p, s) for p, group in zip(prompt_ids, samples, strict=True) for s in group]
+    batch = build_rollout_batch(
+        [p for p, _ in rows], [s.token_ids for _, s in rows], pad_token_id_of(llama_tokenizer)
+    )
+    ended = [i for i, (_, s) in enumerate(rows) if s.finish_reason == "eos"]
+    assert ended, "no sample ended on a stop token"
+    for i, (_, s) in enumerate(rows):
+        trained = batch["labels"][i][batch["response_mask"][i].bool()].tolist()
+        assert trained == s.token_ids
+    # Re-tokenizing the text drops the stop token that ended each of those samples.
+    retokenized = tokenize_prompt_and_output(
+        [llama_tokenizer.decode(p, skip_special_tokens=True) for p, _ in rows],
+        [s.text for _, s in rows],
+        llama_tokenizer,
+    )
+    i = ended[0]
+    lost = retokenized["labels"][i][retokenized["response_mask"][i].bool()].tolist()
+    assert lost != rows[i][1].token_ids and rows[i][1].token_ids[-1] in {*stops, eos}
+
+
+def test_rollout_batch_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        build_rollout_batch([[1], [2]], [[3]], 0)
+    with pytest.raises(ValueError, match="empty batch"):
+        build_rollout_batch([], [], 0)
+    with pytest.raises(ValueError, match=r"response_ids\[0\]\[1\] is -1, not a token id"):
+        build_rollout_batch([[1]], [[2, -1]], 0)
+    with pytest.raises(ValueError, match=r"prompt_ids\[0\] must be a list of token ids"):
+        build_rollout_batch(["hello"], [[2]], 0)
+    # 1-D tensors are rows too.
+    batch = build_rollout_batch([torch.tensor([5, 6])], [torch.tensor([7, 2])], 0)
+    assert batch["labels"].tolist() == [[6, 7, 2]]
