@@ -185,3 +185,16 @@ def test_nothing_imports_the_cli() -> None:
         if target.startswith("posttrain.cli")
     ]
     assert not importers, "\n".join(importers)
+
+
+def test_only_the_sft_side_mentions_sft_config() -> None:
+    """The engine and everything below it know no method's config."""
+    allowed = ("posttrain.sft", "posttrain.cli", "posttrain.config", "posttrain.demo")
+    mentions = [
+        name
+        for name, path in modules().items()
+        if "SFTConfig" in path.read_text(encoding="utf-8")
+        and not any(name == a or name.startswith(a + ".") for a in allowed)
+        and name != "posttrain"
+    ]
+    assert not mentions, mentions

@@ -3,7 +3,7 @@
 A single process (no torchrun) needs none of this: `init_distributed` then returns
 rank 0 of a world of 1 and every helper is a no-op (or the plain single-process call).
 
-Under torchrun the model is wrapped by one of two strategies (`SFTConfig.strategy`):
+Under torchrun the model is wrapped by one of two strategies (the `strategy` setting):
 
 - `ddp`: `DistributedDataParallel`. Every rank holds the whole model, its gradients and
   the optimizer state; gradients are all-reduced once per optimizer step.

@@ -441,5 +441,5 @@ def load_trainer_state(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The config saved with a checkpoint (or the final model), as a plain dict; the
-    command's config class (`SFTConfig`...) validates it (`config_from_dict`)."""
+    command's config class validates it."""
     return load_config(Path(ckpt_dir) / CONFIG_FILE)

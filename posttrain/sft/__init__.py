@@ -1,5 +1,2 @@
-"""Supervised fine-tuning: the `SFT` method on the engine and `train_sft(config)`."""
-
-from posttrain.sft.train import train as train_sft
-
-__all__ = ["train_sft"]
+"""Supervised fine-tuning: the `SFT` method on the engine (`method`), its data source
+(`data`) and objective (`objective`), and `train.train_sft(config)`."""

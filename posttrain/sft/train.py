@@ -16,9 +16,14 @@ __all__ = [
     "TrainingInterrupted",
     "accumulate_gradients",
     "train",
+    "train_sft",
 ]
 
 
 def train(config: SFTConfig) -> TrainResult:
     """Fine-tune `config.model` on `config.train_file`; return where the results are."""
     return run_method(SFT(config), RunSettings.of(config))
+
+
+# The name `from posttrain import train_sft` gives.
+train_sft = train
