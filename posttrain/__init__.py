@@ -46,24 +46,24 @@ __all__ = [
     "Method",
     "RunSettings",
     "SFTConfig",
-    "evaluate_answers",
-    "generate",
-    "get_reward_fn",
-    "run_method",
-    "train_sft",
     "build_rollout_batch",
     "compute_entropy",
     "compute_group_normalized_rewards",
     "compute_grpo_clip_loss",
     "compute_naive_policy_gradient_loss",
     "compute_policy_gradient_loss",
+    "evaluate_answers",
+    "generate",
     "get_response_log_probs",
+    "get_reward_fn",
     "grpo_microbatch_train_step",
     "kl_penalty",
     "masked_mean",
     "masked_normalize",
+    "run_method",
     "sft_microbatch_train_step",
     "tokenize_prompt_and_output",
+    "train_sft",
 ]
 __version__ = "0.1.0"
 
@@ -74,8 +74,6 @@ if TYPE_CHECKING:
     from posttrain.engine.settings import RunSettings
     from posttrain.evaluation.answers import evaluate_answers
     from posttrain.generation.decode import generate
-    from posttrain.rewards import get_reward_fn
-    from posttrain.sft.train import train_sft
     from posttrain.primitives import (
         build_rollout_batch,
         compute_entropy,
@@ -85,6 +83,7 @@ if TYPE_CHECKING:
         sft_microbatch_train_step,
         tokenize_prompt_and_output,
     )
+    from posttrain.rewards import get_reward_fn
     from posttrain.rl import (
         compute_group_normalized_rewards,
         compute_grpo_clip_loss,
@@ -93,6 +92,7 @@ if TYPE_CHECKING:
         grpo_microbatch_train_step,
         kl_penalty,
     )
+    from posttrain.sft.train import train_sft
 
 
 def __getattr__(name: str) -> Any:
