@@ -178,6 +178,38 @@ def test_log_probs_through_the_wrapper_and_a_frozen_reference(model_dir, tmp_pat
     assert (policy["log_probs"] - want).abs().max() > 1e-3  # the policy did move
 
 
+def test_step_statistics_stay_on_the_device_until_one_read(monkeypatch, llama_tokenizer) -> None:
+    """No tensor is read back to the host per micro-batch (each read is a GPU sync):
+    the SFT step's statistics are summed on the device and read once, after the step."""
+    from posttrain.common.distributed import DistInfo
+    from posttrain.engine.run import accumulate
+    from posttrain.models.policy import PolicyModule
+    from posttrain.models.tiny import tiny_causal_lm
+    from posttrain.sft.objective import nll_objective, step_denominator
+
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model = tiny_causal_lm("llama", vocab_size=len(llama_tokenizer), hidden_size=32)
+    ids = toy_tokens(len(llama_tokenizer))[:4]
+    mask = torch.ones_like(ids[:, 1:])
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "attention_mask": mask}
+    batches = [{**batch, "response_mask": mask.float()}] * 3
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):  # noqa: ANN001, ANN202
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    objective = nll_objective("token", step_denominator(batches, "token", cpu))
+    sums = accumulate(PolicyModule(model, chunk_size=5), batches, objective, cpu, None)
+    assert reads == []
+    totals = sums.all_reduced(cpu)
+    assert reads == ["tolist"]
+    assert totals["num_tokens"] == 3 * mask.numel()
+
+
 if __name__ == "__main__":
     import logging
 
