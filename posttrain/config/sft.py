@@ -138,7 +138,11 @@ class SFTConfig:
         "none", "also send metrics to this tracker"
     )
     strategy: Literal["ddp", "fsdp"] = _f("ddp", "multi-GPU strategy under torchrun")
-    num_threads: int | None = _f(None, "CPU threads for torch (none: torch's default)")
+    num_threads: int | None = _f(
+        None,
+        "CPU threads for torch (none: torch's default, one per core; lower it on a busy "
+        "machine or for a tiny model, see the README)",
+    )
     overwrite: bool = _f(False, "allow writing into a non-empty output_dir")
     progress: bool = _f(True, "show a progress bar")
 

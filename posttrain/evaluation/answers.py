@@ -69,6 +69,7 @@ class EvalResult:
 def _check_inputs(
     prompts: Sequence[Any],
     golds: Sequence[Any],
+    reward_fn: RewardFn,
     n: int,
     temperature: float,
     top_p: float,
@@ -86,6 +87,11 @@ def _check_inputs(
     for i, gold in enumerate(golds):
         if not isinstance(gold, str):
             raise ValueError(f"gold answer {i} is a {type(gold).__name__}, not a string")
+        # Before anything is generated: a gold the reward cannot score would otherwise
+        # stop the run after the first batch (or the first training evaluation).
+        problem = gold_error(reward_fn, gold)
+        if problem is not None:
+            raise ValueError(f"gold answer {i} {_shown(gold)} {problem}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if n < 1:
@@ -337,13 +343,7 @@ def evaluate_answers(
     naming the prompt when the reward function fails; under torch.distributed a failure
     on one rank is raised on all of them.
     """
-    _check_inputs(prompts, golds, n, temperature, top_p, max_new_tokens, batch_size)
-    for i, gold in enumerate(golds):
-        # Before anything is generated: a bad gold would otherwise stop the run after the
-        # first batch (or the first training evaluation) had been paid for.
-        problem = gold_error(reward_fn, gold)
-        if problem is not None:
-            raise ValueError(f"gold answer {i} {_shown(gold)} {problem}")
+    _check_inputs(prompts, golds, reward_fn, n, temperature, top_p, max_new_tokens, batch_size)
     info = info or DistInfo(0, 1, 0, next(model.parameters()).device)
     model = unwrap_model(model)
     if info.is_distributed and is_fsdp(model):
