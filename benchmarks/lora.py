@@ -225,12 +225,13 @@ def run_one(
 ) -> dict[str, Any]:
     """One `train()` run in this process (the epoch, or its first `max_steps`), with the
     memory probe around its loop."""
-    import posttrain.engine.run as run_state
+    import posttrain.engine.loop as loop
+    import posttrain.engine.setup as setup
     import posttrain.sft.train as training
     from posttrain.config import SFTConfig
 
     probe = MemoryProbe()
-    wrap, finish = run_state.wrap_model, training.finish
+    wrap, finish = setup.wrap_model, loop.finish
 
     def wrap_and_start(module: Any, *args: Any, **kwargs: Any) -> Any:
         _touch(module)
@@ -241,7 +242,7 @@ def run_one(
         probe.stop()  # the loop is over; the final save is not measured
         return finish(*args, **kwargs)
 
-    run_state.wrap_model, training.finish = wrap_and_start, stop_and_finish
+    setup.wrap_model, loop.finish = wrap_and_start, stop_and_finish
     spec = CASES[case]
     config = SFTConfig(
         model=str(workdir / case / "model"),

@@ -12,7 +12,7 @@ prints one JSON object:
   `torch.mm` of the same shape into a reused output here, right after the run;
 * the head's other work (softmax, statistics, casts), and the final save and plot.
 
-The loop here calls the training loop's own phases (`training.step_batches`,
+The loop here calls the training loop's own phases (`SFTData.batches`,
 `accumulate_gradients`, `optimizer_step`); backward is what `accumulate_gradients` spends
 outside the body and head forward ranges. The profiler adds some overhead; compare
 shares, and take whole-run speed from train_throughput.py.
@@ -29,7 +29,7 @@ _T0 = time.perf_counter()
 import torch  # noqa: E402
 
 _T_TORCH = time.perf_counter()
-import posttrain.sft.train as training  # noqa: E402
+import posttrain.sft.train  # noqa: E402, F401
 
 _T_POSTTRAIN = time.perf_counter()
 
@@ -43,10 +43,14 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 from train_throughput import posttrain_config  # noqa: E402
 
 from posttrain.common.distributed import init_distributed  # noqa: E402
-from posttrain.engine.run import prepare_run  # noqa: E402
+from posttrain.engine.loop import finish  # noqa: E402
+from posttrain.engine.settings import RunSettings  # noqa: E402
+from posttrain.engine.setup import prepare_run  # noqa: E402
+from posttrain.sft.method import SFT  # noqa: E402
+from posttrain.sft.objective import accumulate_gradients  # noqa: E402
 
 
-def run_loop(run: Any, config: Any) -> dict[str, float]:
+def run_loop(run: Any, method: SFT, config: Any) -> dict[str, float]:
     """Every step of the run, timed by phase (seconds)."""
     seconds: dict[str, float] = defaultdict(float)
     info = run.info
@@ -59,17 +63,18 @@ def run_loop(run: Any, config: Any) -> dict[str, float]:
         return result
 
     for step in range(run.start_step, run.total_steps):
-        batches = timed("batches", training.step_batches, run, step, config)
-        timed(
+        batches = timed("batches", method.data.batches, step)
+        sums = timed(
             "forward_and_backward",
-            training.accumulate_gradients,
-            run.loss_module,
+            accumulate_gradients,
+            run.module,
             batches,
             config.loss_normalization,
             info,
             run.autocast_dtype,
         )
-        timed("optimizer", training.optimizer_step, run, config.max_grad_norm)
+        loss = sums.all_reduced(info)["loss"]
+        timed("optimizer", run.optimizer_step, loss, step + 1)
     return seconds
 
 
@@ -120,14 +125,15 @@ def main() -> None:
     config = posttrain_config(args.workdir, args.case, args.threads, args.bf16_head, out_dir)
 
     started = time.perf_counter()
-    run = prepare_run(config, init_distributed())
+    method = SFT(config)
+    run = prepare_run(method, RunSettings.of(config), init_distributed())
     prepare_s = time.perf_counter() - started
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         started = time.perf_counter()
-        phases = run_loop(run, config)
+        phases = run_loop(run, method, config)
         loop_s = time.perf_counter() - started
     started = time.perf_counter()
-    training.finish(run, config, float("nan"), loop_s)
+    finish(run, method, float("nan"), loop_s)
     finish_s = time.perf_counter() - started
 
     totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
