@@ -322,3 +322,33 @@ def test_write_generations_is_jsonl(tmp_path) -> None:
     rows = [{"index": 0, "response": "é"}, {"index": 1, "response": "x"}]
     path = write_generations(tmp_path / "g.jsonl", rows)
     assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == rows
+
+
+def test_generation_eval_during_sft_takes_the_field_rule_and_checks_golds(
+    tmp_path, nobos_tokenizer
+) -> None:
+    """`posttrain sft --eval-generate-file gsm8k_test.jsonl --reward gsm8k` stopped at
+    "missing field 'response'": no field given now means the one rule."""
+    from posttrain.evaluation.hooks import prepare_generation_eval
+
+    kwargs = dict(limit=3, template=None, max_new_tokens=8, out_dir=tmp_path)
+    test_file = SHARED / "gsm8k_test.jsonl"
+    first = json.loads(test_file.read_text(encoding="utf-8").splitlines()[0])
+    spec = prepare_generation_eval(
+        str(test_file),
+        nobos_tokenizer,
+        prompt_field=None,
+        answer_field=None,
+        reward="gsm8k",
+        **kwargs,
+    )
+    assert spec.prompts[0] == first["question"] and spec.golds[0] == first["answer"]
+    with pytest.raises(ValueError, match=r"gsm8k_test.jsonl:1: gold answer .* reward 'mmlu'"):
+        prepare_generation_eval(
+            str(test_file),
+            nobos_tokenizer,
+            prompt_field=None,
+            answer_field=None,
+            reward="mmlu",
+            **kwargs,
+        )

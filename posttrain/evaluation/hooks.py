@@ -49,8 +49,8 @@ def prepare_generation_eval(
     path: str,
     tokenizer: Any,
     *,
-    prompt_field: str,
-    answer_field: str,
+    prompt_field: str | None,
+    answer_field: str | None,
     limit: int | None,
     template: str | None,
     reward: str,
@@ -58,19 +58,24 @@ def prepare_generation_eval(
     out_dir: Path,
 ) -> GenerationEval:
     """Read the prompts and gold answers, render the template, resolve the reward: every
-    input error surfaces here, before training starts."""
+    input error surfaces here, before training starts, a gold answer the reward cannot
+    score included. A field left at None follows `posttrain eval`'s rule
+    (`answers.eval_field`: `prompt`, else `question`; `answer`, else `response`, else
+    `completion`)."""
+    reward_fn = get_reward_fn(reward)
     data = load_eval_data(
         path,
         prompt_field,
         answer_field,
         limit=limit,
         flags=("--eval-prompt-field", "--eval-answer-field"),
+        reward_fn=reward_fn,
     )
     prompts, stop = build_prompts(tokenizer, data.questions, template or "question_only")
     return GenerationEval(
         prompts=prompts,
         golds=data.golds,
-        reward_fn=get_reward_fn(reward),
+        reward_fn=reward_fn,
         stop=tuple(stop),
         stop_token_ids=end_of_turn_token_ids(tokenizer),
         max_new_tokens=max_new_tokens,
