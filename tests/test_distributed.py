@@ -133,6 +133,24 @@ def generation_eval(root: Path) -> dict[str, Any]:
     }
 
 
+def torchrun_two_ranks(args: list[str]) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node 2 ARGS` on gloo, in a session of its own:
+    on a timeout the whole group (torchrun and both workers) is killed, so no hung worker
+    outlives the test."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    return subprocess.Popen(
+        [*cmd, "2", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.fixture(scope="module")
 def two_ranks(workdir) -> dict[str, Any]:
     """Launch every distributed job in one torchrun; return its outputs."""
@@ -162,29 +180,7 @@ def two_ranks(workdir) -> dict[str, Any]:
     jobs_file = workdir / "jobs.json"
     jobs_file.write_text(json.dumps(jobs), encoding="utf-8")
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        str(jobs_file),
-    ]
-    # A session of its own: on a timeout the whole group (torchrun and both workers)
-    # is killed, so no hung worker outlives the test.
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = torchrun_two_ranks([__file__, str(jobs_file)])
     try:
         _, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -339,18 +335,7 @@ def test_sigterm_under_two_ranks_checkpoints_the_step(workdir, tmp_path) -> None
     settings = base_settings(workdir, "model", out)
     settings.update(micro_batch_size=2, max_steps=500, save_every=0, eval_every=0)
     settings.pop("eval_file")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    cmd += ["2", "-m", "posttrain", *cli_args(settings)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = torchrun_two_ranks(["-m", "posttrain", *cli_args(settings)])
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
