@@ -140,6 +140,34 @@ def test_progress_on_a_terminal_draws_a_bar() -> None:
     assert "4/4" in out and "loss 1.5000" in out
 
 
+def test_no_progress_turns_the_bar_into_plain_lines(workdir, tmp_path, capsys) -> None:
+    """--no-progress on a terminal: no bar, but every metrics and eval line still prints
+    (issue 21, 12: it used to hide them all)."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = ProgressReporter(total_steps=4, stream=stream, bar=False)
+    progress.update(1)
+    progress.update(2, {"loss": 1.5})
+    progress.update(2, {"eval_loss": 1.25})
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["step 2/4", "loss 1.5000"],
+        ["step 2/4", "eval_loss 1.2500"],
+    ]
+    from helpers import make_config
+
+    from posttrain.sft.train import train
+
+    train(make_config(workdir, tmp_path / "run", max_steps=2, progress=False))
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in printed] == ["step 1/2", "step 2/2"]
+
+
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path, None) as logger:
         for step in range(1, 11):

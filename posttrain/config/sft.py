@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from posttrain.config.spec import HF_NAMES as HF_NAMES  # re-exported: posttrain.config
-from posttrain.config.spec import ConfigSpec
+from posttrain.config.spec import ConfigSpec, save_config_dict
 from posttrain.config.spec import load_config as load_config
 from posttrain.config.values import prepare_fields
 from posttrain.data.records import DataFormat
@@ -271,14 +269,4 @@ def config_to_dict(cfg: SFTConfig) -> dict[str, Any]:
 
 def save_config(cfg: SFTConfig, path: str | os.PathLike[str]) -> Path:
     """Write the config as YAML (loadable with `--config`); written atomically."""
-    path = Path(path)
-    text = "# posttrain sft config\n" + yaml.safe_dump(
-        config_to_dict(cfg), sort_keys=False, default_flow_style=False
-    )
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return save_config_dict(config_to_dict(cfg), path, "sft")

@@ -106,6 +106,22 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def save_config_dict(config: Mapping[str, Any], path: str | os.PathLike[str], command: str) -> Path:
+    """Write a config (plain values) as YAML, loadable with `posttrain COMMAND --config`,
+    headed by the command it configures; written atomically."""
+    path = Path(path)
+    text = f"# posttrain {command} config\n" + yaml.safe_dump(
+        dict(config), sort_keys=False, default_flow_style=False
+    )
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def key_hint(
     key: str,
     known: Collection[str],

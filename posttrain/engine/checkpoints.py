@@ -44,10 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from posttrain.common.distributed import unwrap_model
-from posttrain.config import load_config
+from posttrain.config.spec import load_config, save_config_dict
 from posttrain.engine.rng_state import collect_rng_state
 from posttrain.models.heads import is_peft_model
 
@@ -192,21 +191,6 @@ def _write_model_dir(
         tokenizer.save_pretrained(tmp)
     if config is not None:
         save_config_dict(config, tmp / CONFIG_FILE, command)
-
-
-def save_config_dict(config: Mapping[str, Any], path: Path, command: str) -> Path:
-    """Write a run's config as YAML (loadable with `posttrain COMMAND --config`),
-    atomically, headed by the command it configures."""
-    text = f"# posttrain {command} config\n" + yaml.safe_dump(
-        dict(config), sort_keys=False, default_flow_style=False
-    )
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 # --------------------------------------------------------------------------- save

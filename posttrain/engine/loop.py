@@ -66,7 +66,8 @@ def _loop(method: Method, settings: RunSettings, info: DistInfo) -> TrainResult:
         enabled=info.is_main,
         resume_step=run.start_step if run.resumed else None,
     )
-    progress = ProgressReporter(run.total_steps, enabled=info.is_main and settings.progress)
+    # --no-progress turns the bar into plain lines, as in a log file; rank 0 speaks.
+    progress = ProgressReporter(run.total_steps, enabled=info.is_main, bar=settings.progress)
     final_loss = float("nan")
     started = time.monotonic()
     with StopRequest() as stop, contextlib.ExitStack() as cleanup:

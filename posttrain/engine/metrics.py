@@ -241,11 +241,18 @@ class ProgressReporter:
     """A rich progress bar on a terminal, a plain line per logged step otherwise.
 
     Call `update(step)` every step and `update(step, metrics)` when there are metrics
-    to show; without a terminal (CI logs, `nohup`), only the latter print, one line
-    each, so log files stay readable.
+    to show; without a terminal (CI logs, `nohup`), or with `bar=False` (`--no-progress`),
+    only the latter print, one line each, so log files stay readable. `enabled=False`
+    (every rank but rank 0) prints nothing.
     """
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream: IO[str] | None = None):
+    def __init__(
+        self,
+        total_steps: int,
+        enabled: bool = True,
+        stream: IO[str] | None = None,
+        bar: bool = True,
+    ) -> None:
         self.total_steps = int(total_steps)
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stdout
@@ -256,7 +263,7 @@ class ProgressReporter:
         if not enabled:
             return
         isatty = getattr(self.stream, "isatty", None)
-        if callable(isatty) and isatty():
+        if bar and callable(isatty) and isatty():
             self._progress = progress_bar("step", self.stream, with_info=True)
             self._task = self._progress.add_task("train", total=self.total_steps, info="")
             self._progress.start()

@@ -28,7 +28,7 @@ from posttrain.common.distributed import (
 )
 from posttrain.engine.checkpoints import CHECKPOINTS_DIR, FINAL_DIR, load_trainer_state
 from posttrain.engine.method import Method
-from posttrain.engine.metrics import METRICS_FILE, read_metrics
+from posttrain.engine.metrics import METRICS_FILE, read_metrics, require_tracker
 from posttrain.engine.optim import build_optimizer, lr_lambda
 from posttrain.engine.resume import ResumePoint, check_resume_settings, find_resume_point
 from posttrain.engine.rng_state import rank_rng_state, restore_rng_state
@@ -87,6 +87,8 @@ def prepare_run(method: Method, settings: RunSettings, info: DistInfo) -> Run | 
             "" if settings.num_threads else " (--num-threads N to change)",
         )
     check_same_config(method.config_dict(), info)
+    if info.is_main:
+        require_tracker(settings.report_to)  # a missing package is said before any loading
     if settings.lora:
         require_peft()  # before anything slow: a missing package is one line, at once
     out = _output_dir(settings, info)

@@ -135,8 +135,10 @@ class SFT(Method):
             spec = prepare_generation_eval(
                 c.eval_generate_file,
                 run.tokenizer,
-                prompt_field=c.eval_prompt_field or c.prompt_field,
-                answer_field=c.eval_answer_field or c.response_field,
+                # None: the rule every command follows (question from prompt, else
+                # question; gold from answer, else response, else completion).
+                prompt_field=c.eval_prompt_field,
+                answer_field=c.eval_answer_field,
                 limit=c.eval_generate_limit,
                 template=c.eval_prompt_template,
                 reward=c.reward,
