@@ -88,9 +88,21 @@ def _worker(jobs_file: str) -> int:
     for name, job in jobs.items():
         argv = job["argv"] + (job.get("rank1_extra", []) if rank == 1 else [])
         print(f"=== job {name} rank {rank}", file=sys.stderr, flush=True)
+        if "reference" in job:
+            codes[name] = _reference_job(name, job["reference"], jobs_file, rank)
+            continue
         codes[name] = main(argv)
     Path(f"{jobs_file}.rank{rank}.json").write_text(json.dumps(codes), encoding="utf-8")
     dist.destroy_process_group()
+    return 0
+
+
+def _reference_job(name: str, job: dict[str, Any], jobs_file: str, rank: int) -> int:
+    """test_engine's reference check (a method with a frozen reference) on this rank."""
+    from test_engine import reference_check
+
+    result = reference_check(Path(job["model"]), Path(job["out"]), job["lora"], job["strategy"])
+    Path(f"{jobs_file}.{name}.rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
     return 0
 
 
@@ -172,6 +184,12 @@ def two_ranks(workdir) -> dict[str, Any]:
         resume=str(workdir / "two-dropout/checkpoints/step-000003"),
     )
     jobs["dropout-resumed"] = {"argv": cli_args(dropout)}
+    # A method with a frozen reference: sharded like the policy under FSDP, or with LoRA
+    # the same model with its adapters off.
+    for lora in (False, True):
+        out = str(workdir / f"two-reference-{lora}")
+        job = {"model": str(workdir / "model"), "out": out, "lora": lora, "strategy": "fsdp"}
+        jobs[f"reference-{lora}"] = {"argv": [], "reference": job}
     disagree = base_settings(workdir, "model", workdir / "two-disagree")
     jobs["disagree"] = {"argv": cli_args(disagree), "rank1_extra": ["--lr", "0.001"]}
     tiny = base_settings(workdir, "model", workdir / "two-tiny")
@@ -322,6 +340,17 @@ def test_two_rank_lora_dropout_run_resumes_exactly(workdir, two_ranks) -> None:
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=key)
     steps = [r["step"] for r in read_metrics(resumed)[0]]
     assert steps == [4, 5]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_reference_log_probs_under_fsdp(workdir, two_ranks, lora) -> None:
+    assert all(c[f"reference-{lora}"] == 0 for c in two_ranks["codes"]), two_ranks["stderr"][-4000:]
+    jobs_file = workdir / "jobs.json"
+    for rank in (0, 1):
+        result = json.loads(Path(f"{jobs_file}.reference-{lora}.rank{rank}.json").read_text())
+        assert result["holds_a_copy"] != lora
+        assert result["reference_error"] < 1e-5 and not result["reference_has_grad"]
+        assert result["policy_moved"] > 1e-3
 
 
 def test_sigterm_under_two_ranks_checkpoints_the_step(workdir, tmp_path) -> None:

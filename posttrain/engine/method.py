@@ -48,6 +48,9 @@ class Method:
     breaks_exact_resume: tuple[str, ...] = ()
     # Whether the run holds a frozen reference model (`run.reference_log_probs`).
     needs_reference: bool = False
+    # Optimizer updates per step: a step may update several times (RL: one rollout batch,
+    # then several optimizer steps on it); the learning-rate schedule spans them all.
+    updates_per_step: int = 1
 
     def config_dict(self) -> dict[str, Any]:
         """The method's whole config as plain values, saved with every checkpoint."""

@@ -114,7 +114,7 @@ def prepare_run(method: Method, settings: RunSettings, info: DistInfo) -> Run | 
         load(model, point.checkpoint)
     autocast_dtype = autocast_dtype_for(settings.precision, info.device)
     policy, module, optimizer, scheduler = _optimization(
-        model, settings, info, autocast_dtype, total_steps
+        model, settings, info, autocast_dtype, total_steps * method.updates_per_step
     )
     run = Run(
         info=info,
@@ -175,9 +175,10 @@ def _optimization(
     settings: RunSettings,
     info: DistInfo,
     autocast_dtype: torch.dtype | None,
-    total_steps: int,
+    total_updates: int,
 ) -> tuple[PolicyModule, torch.nn.Module, torch.optim.Optimizer, Any]:
-    """The policy module, as wrapped, and the optimizer and schedule of a run."""
+    """The policy module, as wrapped, and the optimizer and a schedule of
+    `total_updates` optimizer steps."""
     policy = _policy(model, settings)
     param_dtype = autocast_dtype if settings.strategy == "fsdp" else None
     # FSDP replaces the parameters by shards: the optimizer is built after wrapping.
@@ -190,7 +191,7 @@ def _optimization(
         betas=(settings.adam_beta1, settings.adam_beta2),
         eps=settings.adam_eps,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total_updates))
     return policy, module, optimizer, scheduler
 
 
