@@ -153,6 +153,31 @@ def _check_group_inputs(
         raise ValueError(f"advantage_eps must be >= 0, got {advantage_eps}")
 
 
+def group_advantages(
+    rewards: Tensor, group_size: int, advantage_eps: float, normalize_by_std: bool
+) -> tuple[Tensor, Tensor]:
+    """Group-normalised advantages of scored rollouts (`compute_group_normalized_rewards`'s
+    arithmetic, for rewards already computed).
+
+    rewards: (n,) float64, consecutive groups of `group_size`. Returns (advantages (n,)
+    float64, all_equal (n / group_size, 1) bool: the groups with nothing to learn).
+    """
+    groups = rewards.reshape(-1, group_size)
+    all_equal = (groups == groups[:, :1]).all(dim=-1, keepdim=True)
+    # Dividing each group by its largest |reward| keeps the squares inside std from
+    # underflowing to 0 (tiny rewards) and the result is unchanged for ordinary ones.
+    scale = groups.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, 1.0)
+    scaled = groups / scale
+    centred = scaled - scaled.mean(dim=-1, keepdim=True)
+    if normalize_by_std and group_size > 1:
+        centred = centred / (scaled.std(dim=-1, keepdim=True) + float(advantage_eps) / scale)
+    else:
+        centred = centred * scale
+    # An all-equal group's mean can differ from its members by rounding; force exact zeros.
+    return torch.where(all_equal, 0.0, centred).reshape(-1), all_equal
+
+
 def compute_group_normalized_rewards(
     reward_fn: Callable[[Any, Any], dict[str, Any]],
     rollout_responses: Sequence[Any],
@@ -193,20 +218,7 @@ def compute_group_normalized_rewards(
     values = [_as_finite_float(d["reward"], f"reward of rollout {i}") for i, d in enumerate(scored)]
     # float64 for the statistics so the float32 result is the correctly rounded one.
     rewards = torch.tensor(values, dtype=torch.float64)
-    groups = rewards.reshape(-1, group_size)
-    all_equal = (groups == groups[:, :1]).all(dim=-1, keepdim=True)
-    # Dividing each group by its largest |reward| keeps the squares inside std from
-    # underflowing to 0 (tiny rewards) and the result is unchanged for ordinary ones.
-    scale = groups.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(scale > 0, scale, 1.0)
-    scaled = groups / scale
-    centred = scaled - scaled.mean(dim=-1, keepdim=True)
-    if normalize_by_std and group_size > 1:
-        centred = centred / (scaled.std(dim=-1, keepdim=True) + float(advantage_eps) / scale)
-    else:
-        centred = centred * scale
-    # An all-equal group's mean can differ from its members by rounding; force exact zeros.
-    advantages = torch.where(all_equal, 0.0, centred).reshape(-1)
+    advantages, all_equal = group_advantages(rewards, group_size, advantage_eps, normalize_by_std)
 
     metadata = {
         "reward_mean": float(rewards.mean()),

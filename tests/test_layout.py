@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "posttrain.evaluation": 2,
     "posttrain.engine": 3,
     "posttrain.sft": 4,
+    "posttrain.grpo": 4,
     "posttrain.demo": 5,
     "posttrain.cli": 6,
     "posttrain._moved": 0,
@@ -35,7 +36,7 @@ LAYERS: dict[str, int] = {
     "posttrain.__main__": 7,
 }
 # Training methods: each is a folder on the engine; none imports another's modules.
-METHODS = ("posttrain.sft",)
+METHODS = ("posttrain.sft", "posttrain.grpo")
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
 

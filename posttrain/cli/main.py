@@ -18,6 +18,7 @@ from posttrain.config import key_hint
 # `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("sft", "supervised fine-tuning of a causal LM on prompt/response data"),
+    "grpo": ("grpo", "RL with verifiable rewards (GRPO): sample, score, reinforce"),
     "inspect": ("inspect_data", "show the data as posttrain sft sees it: tokens, masks, stats"),
     "demo": ("demo", "a complete fine-tuning run on a CPU in minutes, no download: start here"),
     "generate": ("generate", "greedy completion of a prompt by a saved model, stopping at EOS"),

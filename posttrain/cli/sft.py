@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import signal
-import sys
 
 from posttrain.cli.common import (
     check_data_path,
@@ -14,18 +11,13 @@ from posttrain.cli.common import (
     env_rank,
     logger,
 )
+from posttrain.cli.training import run_training
 from posttrain.config import SFTConfig, add_config_arguments, config_from_args
 from posttrain.config.values import flag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-
-
-def resume_command(argv: list[str]) -> str:
-    """The command line that continues this run: the same arguments plus --resume."""
-    args = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite")]
-    return shlex.join(["posttrain", "sft", *args, "--resume"])
 
 
 def check_paths(config: SFTConfig) -> None:
@@ -46,32 +38,10 @@ def check_paths(config: SFTConfig) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_paths(config)
-    from posttrain.sft.train import TrainingInterrupted, train
 
-    try:
-        result = train(config)
-    except TrainingInterrupted as stop:
-        if env_rank() == 0:
-            name = signal.Signals(stop.signum).name
-            argv = sys.argv[sys.argv.index("sft") + 1 :] if "sft" in sys.argv else []
-            print(
-                f"posttrain sft: stopped by {name} after step {stop.step}; checkpoint "
-                f"{stop.checkpoint}\n  resume with: {resume_command(argv)}",
-                file=sys.stderr,
-            )
-        return 128 + stop.signum
-    if env_rank() != 0:
-        return 0  # under torchrun, rank 0 speaks for the run
-    if result.already_finished:
-        print(
-            f"{result.final_model_dir.parent} is already finished ({result.steps} steps): "
-            f"nothing to do\n  model:   {result.final_model_dir}"
-        )
-        return 0
-    print(
-        f"done: {result.steps} steps in {result.train_seconds:.1f}s, final loss "
-        f"{result.final_loss:.4f}\n  model:   {result.final_model_dir}\n"
-        f"  metrics: {result.metrics_path}"
-        + (f"\n  plot:    {result.plot_path}" if result.plot_path else "")
-    )
-    return 0
+    def train() -> object:
+        from posttrain.sft.train import train as train_sft
+
+        return train_sft(config)
+
+    return run_training("sft", train)

@@ -18,9 +18,10 @@ saved with N ranks resume with M ranks (or one process) under either strategy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,6 +220,21 @@ def is_fsdp(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def unsharded(module: nn.Module) -> Iterator[None]:
+    """Under FSDP, hold the root's parameters (embeddings, norm, head) gathered: Hugging
+    Face `generate` calls the model below the root, whose forward hook would otherwise
+    gather them. The decoder layers gather themselves. A no-op for other modules."""
+    if not is_fsdp(module):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def unwrap_model(module: nn.Module) -> nn.Module:

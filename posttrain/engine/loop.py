@@ -23,6 +23,7 @@ from posttrain.common.distributed import (
 )
 from posttrain.engine.checkpoints import (
     checkpoint_dir,
+    is_complete,
     latest_checkpoint,
     save_checkpoint,
     save_final_model,
@@ -31,7 +32,7 @@ from posttrain.engine.interrupts import StopRequest
 from posttrain.engine.method import Method
 from posttrain.engine.metrics import METRICS_FILE, MetricsLogger, ProgressReporter, plot_metrics
 from posttrain.engine.rng_state import collect_rng_state
-from posttrain.engine.run import Run
+from posttrain.engine.run import Run, StopBeforeStep, TrainingError
 from posttrain.engine.settings import RunSettings
 from posttrain.engine.setup import PLOT_FILE, TrainResult, prepare_run
 
@@ -75,7 +76,10 @@ def _loop(method: Method, settings: RunSettings, info: DistInfo) -> TrainResult:
         cleanup.callback(progress.close)
         for step in range(run.start_step, run.total_steps):
             done = step + 1
-            row = method.step(run, step)
+            try:
+                row = method.step(run, step)
+            except StopBeforeStep as stop:
+                raise _stopped(run, method, step, stop) from stop
             final_loss = row.get("loss", final_loss)
             logged = due(done, settings.log_every, run.total_steps)
             if logged:
@@ -93,6 +97,23 @@ def _loop(method: Method, settings: RunSettings, info: DistInfo) -> TrainResult:
                 checkpoint = save_step(run, method, done) if not saved else None
                 raise TrainingInterrupted(signum, done, checkpoint or latest_checkpoint(run.out))
     return finish(run, method, final_loss, time.monotonic() - started)
+
+
+def _stopped(run: Run, method: Method, finished: int, stop: StopBeforeStep) -> TrainingError:
+    """Checkpoint the last finished step (unless it has one) for a step that could not
+    run; the error to stop with names it."""
+    checkpoint = checkpoint_dir(run.out, finished)
+    if finished > run.start_step and not is_complete(checkpoint):
+        checkpoint = save_step(run, method, finished)
+    elif not is_complete(checkpoint):
+        last = latest_checkpoint(run.out)
+        checkpoint = last if last is not None else checkpoint
+    where = (
+        f"checkpoint of step {finished}: {checkpoint}"
+        if is_complete(checkpoint)
+        else ("no checkpoint yet")
+    )
+    return TrainingError(f"{stop}; stopped before step {finished + 1} ({where})")
 
 
 def due(done: int, every: int | None, total: int, at_end: bool = True) -> bool:

@@ -67,6 +67,12 @@ class TrainingError(RuntimeError):
     user_facing = True
 
 
+class StopBeforeStep(RuntimeError):
+    """Raised by a method's step, on every rank alike, before it changed anything (say,
+    a reward function failed on a rollout): the engine checkpoints the last finished step
+    and stops the run with this message."""
+
+
 @dataclass
 class Run:
     """Everything a run holds between steps.

@@ -12,8 +12,7 @@ samples go to OUTPUT_DIR/generations/step_NNNNNN.jsonl.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from posttrain.common.devices import autocast
-from posttrain.common.distributed import DistInfo, is_fsdp
+from posttrain.common.distributed import DistInfo, is_fsdp, unsharded
 from posttrain.data.tokenized import TokenizedExample, end_of_turn_token_ids
 from posttrain.evaluation.answers import evaluate_answers, load_eval_data, write_generations
 from posttrain.evaluation.held_out_loss import evaluate_loss
@@ -83,21 +82,6 @@ def prepare_generation_eval(
     )
 
 
-@contextlib.contextmanager
-def _gathered(loss_module: nn.Module) -> Iterator[None]:
-    """Under FSDP, hold the root's parameters (embeddings, norm, head) gathered while
-    generating: HF `generate` calls the model below the root, whose forward hook would
-    otherwise gather them. The decoder layers gather themselves."""
-    if not is_fsdp(loss_module):
-        yield
-        return
-    loss_module.unshard()
-    try:
-        yield
-    finally:
-        loss_module.reshard()
-
-
 def run_generation_eval(
     spec: GenerationEval,
     model: nn.Module,
@@ -123,7 +107,7 @@ def run_generation_eval(
         if status is not None:
             status(f"generate {done}/{total}")
 
-    with _gathered(loss_module), autocast(info.device, autocast_dtype):
+    with unsharded(loss_module), autocast(info.device, autocast_dtype):
         result = evaluate_answers(
             model,
             tokenizer,

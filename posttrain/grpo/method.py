@@ -1,0 +1,275 @@
+"""GRPO as a method on the engine (CS336 assignment 5, Algorithm 3).
+
+One step is one rollout batch: sample `group_size` responses to each of the step's
+questions, score them, compute group-normalised advantages, then make
+`epochs_per_rollout_batch` passes over the rollouts in optimizer steps of
+`train_batch_size` rollouts (`updates_per_step` updates in all). The sampling policy's
+log-probs are computed once per rollout batch when an update can be off-policy (several
+passes, or several optimizer steps under grpo_clip), and the reference's when
+`beta > 0`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from torch import Tensor
+
+from posttrain.common.devices import autocast
+from posttrain.common.distributed import DistInfo, is_fsdp, unsharded
+from posttrain.common.jsonl import write_jsonl
+from posttrain.config.grpo import GRPOConfig, check_world_size
+from posttrain.engine.method import Hook, Method
+from posttrain.engine.resume import data_fingerprint
+from posttrain.engine.run import Run, StopBeforeStep
+from posttrain.evaluation.hooks import GenerationEvalHook, prepare_generation_eval
+from posttrain.grpo.objective import Loss, micro_batches, policy_gradient_objective, token_weights
+from posttrain.grpo.questions import Questions, load_questions
+from posttrain.grpo.rollouts import (
+    Rollout,
+    RolloutError,
+    Sampling,
+    rollout_rows,
+    rollout_statistics,
+    sample_rollouts,
+)
+from posttrain.rewards import get_reward_fn
+
+logger = logging.getLogger("posttrain")
+
+ROLLOUTS_DIR = "rollouts"
+# GRPO settings whose change on resume makes the run differ from an uninterrupted one.
+GRPO_BREAKS_EXACT_RESUME = (
+    "train_file",
+    "reward",
+    "prompt_field",
+    "answer_field",
+    "prompt_template",
+    "chat",
+    "rollout_batch_size",
+    "group_size",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "generation_batch_size",
+    "train_batch_size",
+    "epochs_per_rollout_batch",
+    "loss_type",
+    "std_normalization",
+    "advantage_eps",
+    "cliprange",
+    "length_normalization",
+    "beta",
+    "kl_estimator",
+)
+
+
+class GRPO(Method):
+    """Group-relative policy optimisation with verifiable rewards (`posttrain grpo`)."""
+
+    command = "grpo"
+    breaks_exact_resume = GRPO_BREAKS_EXACT_RESUME
+
+    def __init__(self, config: GRPOConfig) -> None:
+        self.config = config
+        self.needs_reference = config.beta > 0
+        self.updates_per_step = config.epochs_per_rollout_batch * (
+            config.rollout_batch_size // config.train_batch_size
+        )
+        self.reward_fn = get_reward_fn(config.reward or "")
+        self.questions: Questions | None = None
+        self.sampling = Sampling(
+            group_size=config.group_size,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            generation_batch_size=config.generation_batch_size,
+            seed=config.seed,
+            advantage_eps=config.advantage_eps,
+            std_normalization=config.std_normalization,
+        )
+        self.loss = Loss(
+            loss_type=config.loss_type,
+            length_normalization=config.length_normalization,
+            max_new_tokens=config.max_new_tokens,
+            cliprange=config.cliprange,
+            beta=config.beta,
+            kl_estimator=config.kl_estimator,
+        )
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def prepare(self, tokenizer: Any, info: DistInfo) -> int:
+        c = self.config
+        check_world_size(c, info.world_size)
+        self.questions = load_questions(
+            c.train_file,
+            tokenizer,
+            prompt_field=c.prompt_field,
+            answer_field=c.answer_field,
+            template=c.prompt_template,
+            chat=c.chat,
+            reward_fn=self.reward_fn,
+            vocab_size=len(tokenizer),
+        )
+        return int(c.max_steps or 0)
+
+    def _questions(self) -> Questions:
+        if self.questions is None:
+            raise RuntimeError("GRPO.prepare has not run")
+        return self.questions
+
+    def log_plan(self, run: Run) -> None:
+        c = self.config
+        logger.info(
+            "%d questions of %s; per step %d questions x %d responses, %d optimizer "
+            "update(s) of %d rollouts (%s loss, %s normalisation%s), %d steps",
+            len(self._questions()),
+            c.train_file,
+            c.rollout_batch_size // c.group_size,
+            c.group_size,
+            self.updates_per_step,
+            c.train_batch_size,
+            c.loss_type,
+            c.length_normalization,
+            f", KL beta {c.beta} ({c.kl_estimator}) to the starting model" if c.beta else "",
+            run.total_steps,
+        )
+
+    def fingerprint(self) -> str:
+        questions = self._questions()
+        return data_fingerprint(questions.prompt_ids)
+
+    def step(self, run: Run, step: int) -> dict[str, float]:
+        rollouts, rollout_seconds = self._rollouts(run, step)
+        started = time.monotonic()
+        updates = self._updates(run, rollouts)
+        row = rollout_statistics(rollouts, self.config.group_size)
+        totals = self._train(run, updates, step + 1)
+        train_seconds = time.monotonic() - started
+        tokens = sum(len(r.response_ids) for r in rollouts)
+        row.update(totals)
+        row.update(
+            rollout_seconds=rollout_seconds,
+            train_seconds=train_seconds,
+            rollout_tokens_per_s=tokens / max(rollout_seconds, 1e-9),
+        )
+        return row
+
+    def _rollouts(self, run: Run, step: int) -> tuple[list[Rollout], float]:
+        c = self.config
+        questions = self._questions()
+        chosen = questions.for_step(c.seed, step, c.rollout_batch_size // c.group_size)
+        started = time.monotonic()
+        # Generation's caches need the memory more than the next update needs to skip
+        # the page faults of fresh loss buffers.
+        run.policy.release_buffers()
+        sharded = is_fsdp(run.module)
+        try:
+            with unsharded(run.module), autocast(run.info.device, run.autocast_dtype):
+                rollouts = sample_rollouts(
+                    run.model,
+                    run.tokenizer,
+                    questions,
+                    chosen,
+                    self.sampling,
+                    step,
+                    self.reward_fn,
+                    run.info,
+                    every_rank_samples_all=sharded,
+                )
+        except RolloutError as error:
+            raise StopBeforeStep(str(error)) from error
+        seconds = time.monotonic() - started
+        if run.info.is_main:
+            path = run.out / ROLLOUTS_DIR / f"step_{step + 1:06d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(path, rollout_rows(rollouts, run.tokenizer))
+        return rollouts, seconds
+
+    def _updates(self, run: Run, rollouts: Sequence[Rollout]) -> list[list[dict[str, Tensor]]]:
+        """Each optimizer step's micro-batches on this rank, with the old policy's and the
+        reference's log-probs where the loss needs them."""
+        c = self.config
+        info = run.info
+        per_rank = c.train_batch_size // info.world_size
+        updates = []
+        for start in range(0, len(rollouts), c.train_batch_size):
+            step_rollouts = rollouts[start : start + c.train_batch_size]
+            weights = token_weights(step_rollouts, c.length_normalization, c.max_new_tokens)
+            mine = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
+            updates.append(
+                micro_batches(
+                    step_rollouts[mine],
+                    weights[mine],
+                    run.pad_id,
+                    c.micro_batch_size,
+                    info.device,
+                )
+            )
+        off_policy = c.epochs_per_rollout_batch > 1 or (
+            c.loss_type == "grpo_clip" and len(updates) > 1
+        )
+        for batch in (b for update in updates for b in update):
+            if off_policy:
+                batch["old_log_probs"] = run.log_probs(batch)["log_probs"]
+            if c.beta > 0:
+                batch["ref_log_probs"] = run.reference_log_probs(batch)
+        return updates
+
+    def _train(
+        self, run: Run, updates: list[list[dict[str, Tensor]]], done: int
+    ) -> dict[str, float]:
+        objective = policy_gradient_objective(self.loss)
+        losses, norms, lr = [], [], 0.0
+        clipped = kl = tokens = 0.0
+        for _ in range(self.config.epochs_per_rollout_batch):
+            for micro in updates:
+                total = run.accumulate(micro, objective).all_reduced(run.info)
+                grad_norm, lr = run.optimizer_step(total["loss"], done)
+                losses.append(total["loss"])
+                norms.append(grad_norm)
+                tokens += total["num_response_tokens"]
+                clipped += total.get("clipped_tokens", 0.0)
+                kl += total.get("kl_sum", 0.0)
+        row = {
+            "loss": sum(losses) / len(losses),
+            "grad_norm": sum(norms) / len(norms),
+            "lr": lr,
+        }
+        if self.config.loss_type == "grpo_clip":
+            row["clip_fraction"] = clipped / max(tokens, 1.0)
+        if self.config.beta > 0:
+            row["kl"] = kl / max(tokens, 1.0)
+        return row
+
+    def hooks(self, run: Run) -> list[Hook]:
+        c = self.config
+        if c.eval_generate_file is None:
+            return []
+        spec = prepare_generation_eval(
+            c.eval_generate_file,
+            run.tokenizer,
+            prompt_field=c.eval_prompt_field,
+            answer_field=c.eval_answer_field,
+            limit=c.eval_generate_limit,
+            template=c.eval_prompt_template or c.prompt_template,
+            reward=c.reward or "",
+            max_new_tokens=c.eval_max_new_tokens,
+            out_dir=run.out,
+        )
+        if run.info.is_main:
+            logger.info(
+                "generation evaluation: greedy answers to %d prompts of %s, %s",
+                len(spec.prompts),
+                c.eval_generate_file,
+                f"every {c.eval_generate_every} steps and at the end"
+                if c.eval_generate_every
+                else "at the end",
+            )
+        return [GenerationEvalHook(spec, c.eval_generate_every)]

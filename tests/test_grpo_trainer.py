@@ -1,0 +1,285 @@
+"""`posttrain grpo` end to end on a tiny model: the loop, its metrics and rollouts, exact
+normalisation, settings checks, a failing reward, kill/resume, and 2 ranks vs 1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import past_checkpoint, reverse_task, start_until, write_jsonl
+
+from posttrain.config.grpo import GRPOConfig
+from posttrain.grpo.train import train_grpo
+
+ROOT = Path(__file__).resolve().parent.parent
+# A reward with a spread on an untrained model: the share of "a" in the response, a
+# format reward for answering at all, and a failure on a marked question.
+REWARD = """
+def score(response, gold):
+    if gold == "boom":
+        raise RuntimeError("cannot score this one")
+    share = response.count("a") / max(len(response), 1)
+    return {"reward": share, "format_reward": float(bool(response)), "answer_reward": share}
+"""
+
+
+@pytest.fixture(scope="module")
+def rl_dir(tmp_path_factory, llama_tokenizer) -> Path:
+    from posttrain.models.tiny import tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("grpo")
+    model = tiny_causal_lm("llama", vocab_size=len(llama_tokenizer), hidden_size=32, seed=3)
+    model.save_pretrained(root / "model")
+    llama_tokenizer.save_pretrained(root / "model")
+    rows = [{"prompt": r["prompt"], "answer": r["response"]} for r in reverse_task(24, seed=0)]
+    write_jsonl(root / "questions.jsonl", rows)
+    write_jsonl(root / "boom.jsonl", [*rows[:3], {"prompt": "Reverse: ab ->", "answer": "boom"}])
+    (root / "reward.py").write_text(REWARD, encoding="utf-8")
+    return root
+
+
+def grpo_config(root: Path, out: Path, **overrides: Any) -> GRPOConfig:
+    values: dict[str, Any] = {
+        "model": str(root / "model"),
+        "train_file": str(root / "questions.jsonl"),
+        "reward": f"{root / 'reward.py'}:score",
+        "output_dir": str(out),
+        "max_steps": 3,
+        "rollout_batch_size": 8,
+        "group_size": 4,
+        "generation_batch_size": 4,
+        "train_batch_size": 4,
+        "micro_batch_size": 2,
+        "max_new_tokens": 6,
+        "lr": 1e-2,
+        "precision": "fp32",
+        "num_threads": 1,
+        "progress": False,
+        "seed": 0,
+    }
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_runs_logs_and_writes_its_rollouts(rl_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = grpo_config(rl_dir, out, beta=0.04, loss_type="grpo_clip")
+    result = train_grpo(config)
+    assert result.steps == 3 and (out / "final" / "model.safetensors").is_file()
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in (
+        "reward",
+        "reward_std",
+        "format_reward",
+        "answer_reward",
+        "frac_zero_std_groups",
+        "response_length",
+        "truncated_fraction",
+        "loss",
+        "grad_norm",
+        "lr",
+        "entropy",
+        "clip_fraction",
+        "kl",
+        "rollout_seconds",
+        "train_seconds",
+        "rollout_tokens_per_s",
+    ):
+        assert all(key in r for r in rows), key
+    # Two optimizer updates per step (8 rollouts, 4 per update): the second is off-policy.
+    assert rows[-1]["kl"] > 0
+    lines = (out / "rollouts" / "step_000002.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert len(lines) == 8 and set(first) >= {
+        "prompt",
+        "response",
+        "gold",
+        "reward",
+        "format_reward",
+        "answer_reward",
+        "advantage",
+        "num_tokens",
+        "finish_reason",
+    }
+    assert (out / "final" / "config.yaml").read_text().startswith("# posttrain grpo config")
+
+
+def step_gradient(rl_dir: Path, tmp_path: Path, micro: int, normalization: str) -> dict:
+    """The gradient of one GRPO update with fixed rollouts, split into micro-batches."""
+    from posttrain.common.distributed import DistInfo
+    from posttrain.engine.settings import RunSettings
+    from posttrain.engine.setup import prepare_run
+    from posttrain.grpo.method import GRPO
+
+    config = grpo_config(
+        rl_dir,
+        tmp_path / f"g{micro}",
+        micro_batch_size=micro,
+        train_batch_size=8,
+        length_normalization=normalization,
+    )
+    method = GRPO(config)
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    run = prepare_run(method, RunSettings.of(config), cpu)
+    rollouts, _ = method._rollouts(run, 0)
+    assert len({r.advantage for r in rollouts}) > 1  # something to learn
+    updates = method._updates(run, rollouts)
+    from posttrain.grpo.objective import policy_gradient_objective
+
+    run.accumulate(updates[0], policy_gradient_objective(method.loss))
+    return {n: p.grad.clone() for n, p in run.model.named_parameters()}
+
+
+@pytest.mark.parametrize("normalization", ["sequence", "constant", "token"])
+def test_the_update_does_not_depend_on_the_micro_batch_split(rl_dir, tmp_path, normalization):
+    whole = step_gradient(rl_dir, tmp_path, 4, normalization)
+    split = step_gradient(rl_dir, tmp_path, 1, normalization)
+    assert any(g.abs().max() > 0 for g in whole.values())
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rollout_batch_size": 10}, "rollout_batch_size 10 is not a multiple of group_size 4"),
+        ({"train_batch_size": 3}, "rollout_batch_size 8 is not a multiple of train_batch_size"),
+        ({"micro_batch_size": 3}, "train_batch_size 4 is not a multiple of micro_batch_size"),
+        ({"group_size": 1}, "group_size must be >= 2"),
+        ({"cliprange": 1.5}, "cliprange must be in (0, 1)"),
+        ({"beta": -0.1}, "beta must be >= 0"),
+    ],
+)
+def test_bad_settings_are_one_line_before_anything_loads(rl_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        grpo_config(rl_dir, tmp_path / "bad", **overrides)
+
+
+def test_unknown_reward_and_template_are_refused_before_the_model_loads(rl_dir, tmp_path):
+    from posttrain.cli.main import main
+
+    common = ["grpo", "--model", str(rl_dir / "model"), "--train-file"]
+    common += [str(rl_dir / "questions.jsonl"), "--output-dir", str(tmp_path / "x")]
+    assert main([*common, "--reward", "nosuch"]) == 2
+    template = tmp_path / "template.txt"
+    template.write_text("no placeholder here", encoding="utf-8")
+    assert main([*common, "--reward", "exact", "--prompt-template", str(template)]) == 2
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_a_failing_reward_names_the_question_and_keeps_the_last_step(rl_dir, tmp_path):
+    from posttrain.engine.run import TrainingError
+
+    out = tmp_path / "boom"
+    # 4 questions, 2 per step: the marked one comes up in step 1 or 2.
+    config = grpo_config(rl_dir, out, train_file=str(rl_dir / "boom.jsonl"), max_steps=2)
+    with pytest.raises(TrainingError, match=r"boom.jsonl:4.*cannot score this one") as error:
+        train_grpo(config)
+    if "before step 2" in str(error.value):
+        assert "checkpoint of step 1" in str(error.value)
+        assert (out / "checkpoints" / "step-000001" / "COMPLETE").is_file()
+
+
+def test_killed_and_resumed_run_matches_the_uninterrupted_one(rl_dir, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    whole = tmp_path / "whole"
+    train_grpo(grpo_config(rl_dir, whole, max_steps=6, save_every=2, beta=0.04))
+    out = tmp_path / "killed"
+    config = grpo_config(rl_dir, out, max_steps=6, save_every=2, beta=0.04)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")
+    cmd = [sys.executable, "-m", "posttrain", "grpo", "--config", str(cfg_file)]
+    proc = start_until(cmd, lambda: past_checkpoint(out, "step-000002"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = load_file(whole / "final" / "model.safetensors")
+    got = load_file(out / "final" / "model.safetensors")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=name)
+    assert [r["step"] for r in metrics(out)] == list(range(1, 7))
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(rl_dir, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    whole = tmp_path / "whole"
+    train_grpo(grpo_config(rl_dir, whole, max_steps=5))
+    out = tmp_path / "stopped"
+    config = grpo_config(rl_dir, out, max_steps=5)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")
+    cmd = [sys.executable, "-m", "posttrain", "grpo", "--config", str(cfg_file)]
+    proc = start_until(cmd, lambda: (out / "metrics.jsonl").exists())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert "resume with: posttrain grpo" in err.decode()
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = load_file(whole / "final" / "model.safetensors")
+    got = load_file(out / "final" / "model.safetensors")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_rollouts_do_not_depend_on_how_chunks_are_shared_out(rl_dir, tmp_path) -> None:
+    """Chunk c is sampled from (seed, step, c) alone: generating the chunks one by one in
+    any order gives the rollouts of one call."""
+    from posttrain.generation.decode import load_model_and_tokenizer
+    from posttrain.grpo.method import GRPO
+    from posttrain.grpo.rollouts import chunk_seed
+
+    config = grpo_config(rl_dir, tmp_path / "r")
+    method = GRPO(config)
+    model, tokenizer = load_model_and_tokenizer(rl_dir / "model", "cpu")
+    method.prepare(tokenizer, _cpu())
+    from posttrain.grpo.rollouts import _sample_chunk, sample_rollouts
+
+    chosen = method.questions.for_step(0, 1, 2)
+    together = sample_rollouts(
+        model,
+        tokenizer,
+        method.questions,
+        chosen,
+        method.sampling,
+        1,
+        method.reward_fn,
+        _cpu(),
+        every_rank_samples_all=False,
+    )
+    apart = []
+    for c in (1, 0):  # the second chunk first: another rank's share
+        apart = (
+            _sample_chunk(
+                model,
+                tokenizer,
+                method.questions,
+                [chosen[c]],
+                method.sampling,
+                chunk_seed(0, 1, c),
+                method.reward_fn,
+            )
+            + apart
+        )
+    assert [r.response_ids for r in apart] == [r.response_ids for r in together]
+    assert len({tuple(r.response_ids) for r in together}) > 1  # sampled, not all alike
+
+
+def _cpu() -> Any:
+    from posttrain.common.distributed import DistInfo
+
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
