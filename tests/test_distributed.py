@@ -124,6 +124,11 @@ def workdir(tmp_path_factory, llama_tokenizer) -> Path:
     # 5 examples over 2 ranks: the ranks score different numbers of eval examples.
     write_jsonl(root / "eval.jsonl", reverse_task(5, seed=1))
     write_jsonl(root / "one.jsonl", reverse_task(1, seed=2))
+    from test_grpo_trainer import REWARD
+
+    questions = [{"prompt": r["prompt"], "answer": r["response"]} for r in reverse_task(24, 0)]
+    write_jsonl(root / "questions.jsonl", questions)
+    (root / "reward.py").write_text(REWARD, encoding="utf-8")
     return root
 
 
@@ -133,6 +138,32 @@ MODELS = {"ddp": "model", "fsdp": "model_tied"}
 # LoRA on all linear layers of the body, no dropout (its masks would differ between two
 # ranks and one process); the frozen head is tied under FSDP, untied under DDP.
 LORA = {"lora_r": 4, "lora_dropout": 0.0, "lr": 1e-2}
+
+
+def grpo_args(root: Path, out: Path, **overrides: Any) -> list[str]:
+    """A 3-step `posttrain grpo` run: 8 rollouts (2 questions x 4) per step, two optimizer
+    updates of 4 (the second off-policy under grpo_clip), a KL penalty to the start."""
+    settings: dict[str, Any] = {
+        "model": str(root / "model"),
+        "train_file": str(root / "questions.jsonl"),
+        "reward": f"{root / 'reward.py'}:score",
+        "output_dir": str(out),
+        "max_steps": 3,
+        "rollout_batch_size": 8,
+        "group_size": 4,
+        "generation_batch_size": 4,
+        "train_batch_size": 4,
+        "micro_batch_size": 2,
+        "max_new_tokens": 6,
+        "loss_type": "grpo_clip",
+        "beta": 0.04,
+        "lr": 1e-2,
+        "precision": "fp32",
+        "num_threads": 1,
+        "progress": False,
+        **overrides,
+    }
+    return ["grpo", *cli_args(settings)[1:]]
 
 
 def generation_eval(root: Path) -> dict[str, Any]:
@@ -190,6 +221,7 @@ def two_ranks(workdir) -> dict[str, Any]:
         out = str(workdir / f"two-reference-{lora}")
         job = {"model": str(workdir / "model"), "out": out, "lora": lora, "strategy": "fsdp"}
         jobs[f"reference-{lora}"] = {"argv": [], "reference": job}
+    jobs["grpo"] = {"argv": grpo_args(workdir, workdir / "two-grpo", micro_batch_size=1)}
     disagree = base_settings(workdir, "model", workdir / "two-disagree")
     jobs["disagree"] = {"argv": cli_args(disagree), "rank1_extra": ["--lr", "0.001"]}
     tiny = base_settings(workdir, "model", workdir / "two-tiny")
@@ -340,6 +372,34 @@ def test_two_rank_lora_dropout_run_resumes_exactly(workdir, two_ranks) -> None:
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=key)
     steps = [r["step"] for r in read_metrics(resumed)[0]]
     assert steps == [4, 5]
+
+
+def test_grpo_two_ranks_match_one_process(workdir, two_ranks, tmp_path) -> None:
+    """Each rank samples its chunks of the questions, the rollouts are gathered, each rank
+    trains on its half: the same rollouts, losses and weights as one process."""
+    from safetensors.torch import load_file
+
+    from posttrain.cli.main import main
+
+    assert all(c["grpo"] == 0 for c in two_ranks["codes"]), two_ranks["stderr"][-4000:]
+    two, one = workdir / "two-grpo", tmp_path / "one"
+    assert main(grpo_args(workdir, one)) == 0
+    rows_two, rows_one = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (two, one)
+    )
+    assert [r["step"] for r in rows_two] == [1, 2, 3]
+    for a, b in zip(rows_two, rows_one, strict=True):
+        for key in ("reward", "loss", "kl", "clip_fraction", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=TOLERANCE, rel=0), (key, a, b)
+    for step in (1, 2, 3):
+        name = f"rollouts/step_{step:06d}.jsonl"
+        assert (two / name).read_text() == (one / name).read_text()
+    want, got = (
+        load_file(one / "final/model.safetensors"),
+        load_file(two / "final/model.safetensors"),
+    )
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("lora", [False, True])

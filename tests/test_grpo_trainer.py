@@ -113,6 +113,10 @@ def test_grpo_runs_logs_and_writes_its_rollouts(rl_dir, tmp_path) -> None:
         "finish_reason",
     }
     assert (out / "final" / "config.yaml").read_text().startswith("# posttrain grpo config")
+    from posttrain.engine.metrics import plot_panels
+
+    assert plot_panels(rows) == ["loss", "reward", "response length", "lr"]
+    assert result.plot_path is not None and result.plot_path.stat().st_size > 0
 
 
 def step_gradient(rl_dir: Path, tmp_path: Path, micro: int, normalization: str) -> dict:

@@ -319,26 +319,31 @@ def _series(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 # Panels of the plot, top to bottom: (title, metrics drawn in it, relative height).
 PANELS = (
     ("loss", ("loss", "eval_loss"), 3),
+    ("reward", ("reward", "answer_reward", "format_reward"), 2),
     ("held-out accuracy", ("eval_accuracy",), 2),
+    ("response length", ("response_length",), 1),
     ("lr", ("lr",), 1),
 )
+# Panels drawn only when a run logged what they show (RL rewards, generation evaluation).
+_OPTIONAL_PANELS = ("reward", "held-out accuracy", "response length")
 
 
 def plot_panels(records: list[dict[str, Any]]) -> list[str]:
-    """Titles of the panels `plot_metrics` draws for these records: loss and lr always,
-    held-out accuracy when there is accuracy to show."""
+    """Titles of the panels `plot_metrics` draws for these records: loss and lr always;
+    rewards, held-out accuracy and response length when the run logged them."""
     return [
         title
         for title, keys, _ in PANELS
-        if title != "held-out accuracy" or any(_series(records, k) for k in keys)
+        if title not in _OPTIONAL_PANELS or any(_series(records, k) for k in keys)
     ]
 
 
 def plot_metrics(
     metrics_jsonl_path: str | os.PathLike[str], png_path: str | os.PathLike[str]
 ) -> Path:
-    """Plot the loss (train and eval), held-out accuracy when a generation evaluation ran,
-    and the learning rate over steps; return the PNG path."""
+    """Plot the loss (train and eval), an RL run's rewards and response length, held-out
+    accuracy when a generation evaluation ran, and the learning rate over steps; return
+    the PNG path."""
     # Figure without pyplot: no global state and no GUI backend, safe in any process.
     with quiet_font_cache():
         from matplotlib.figure import Figure
@@ -354,7 +359,7 @@ def plot_metrics(
         for key in drawn:
             style, label = styles.get(key, ("o-", key))
             ax.plot(*zip(*series[key], strict=True), style, label=label, markersize=4)
-        if title == "loss":
+        if title in ("loss", "reward"):
             if drawn:
                 ax.legend()
             else:
