@@ -221,9 +221,9 @@ def test_step_statistics_stay_on_the_device_until_one_read(monkeypatch, llama_to
     the SFT step's statistics are summed on the device and read once, after the step."""
     from posttrain.common.distributed import DistInfo
     from posttrain.engine.run import accumulate
+    from posttrain.losses.nll import nll_objective, step_denominator
     from posttrain.models.policy import PolicyModule
     from posttrain.models.tiny import tiny_causal_lm
-    from posttrain.sft.objective import nll_objective, step_denominator
 
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     model = tiny_causal_lm("llama", vocab_size=len(llama_tokenizer), hidden_size=32)

@@ -139,7 +139,7 @@ def step_gradient(rl_dir: Path, tmp_path: Path, micro: int, normalization: str) 
     rollouts, _ = method._rollouts(run, 0)
     assert len({r.advantage for r in rollouts}) > 1  # something to learn
     updates = method._updates(run, rollouts)
-    from posttrain.grpo.objective import policy_gradient_objective
+    from posttrain.losses.policy_gradient import policy_gradient_objective
 
     run.accumulate(updates[0], policy_gradient_objective(method.loss))
     return {n: p.grad.clone() for n, p in run.model.named_parameters()}
@@ -245,13 +245,13 @@ def test_rollouts_do_not_depend_on_how_chunks_are_shared_out(rl_dir, tmp_path) -
     any order gives the rollouts of one call."""
     from posttrain.generation.decode import load_model_and_tokenizer
     from posttrain.grpo.method import GRPO
-    from posttrain.grpo.rollouts import chunk_seed
+    from posttrain.rollouts.sampling import chunk_seed
 
     config = grpo_config(rl_dir, tmp_path / "r")
     method = GRPO(config)
     model, tokenizer = load_model_and_tokenizer(rl_dir / "model", "cpu")
     method.prepare(tokenizer, _cpu())
-    from posttrain.grpo.rollouts import _sample_chunk, sample_rollouts
+    from posttrain.rollouts.sampling import _sample_chunk, sample_rollouts
 
     chosen = method.questions.for_step(0, 1, 2)
     together = sample_rollouts(

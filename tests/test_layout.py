@@ -25,6 +25,8 @@ LAYERS: dict[str, int] = {
     "posttrain.generation": 1,
     "posttrain.rewards": 1,
     "posttrain.config": 2,
+    "posttrain.rollouts": 2,
+    "posttrain.losses": 2,
     "posttrain.evaluation": 2,
     "posttrain.engine": 3,
     "posttrain.sft": 4,

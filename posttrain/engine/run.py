@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,7 @@ from posttrain.common.distributed import DistInfo
 from posttrain.common.sums import Sums
 from posttrain.engine.checkpoints import latest_checkpoint
 from posttrain.engine.settings import RunSettings
-from posttrain.models.policy import PolicyModule
-
-# objective(module, micro_batch) -> (loss, statistics): the micro-batch's share of the
-# step's loss (already divided by the step's global normaliser, so that the step's
-# gradient is the sum over micro-batches and ranks) and what to sum for the metrics.
-Objective = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, Any]]]
+from posttrain.models.policy import Objective, PolicyModule
 
 
 def accumulate(

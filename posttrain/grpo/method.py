@@ -27,9 +27,15 @@ from posttrain.engine.method import Hook, Method
 from posttrain.engine.resume import data_fingerprint
 from posttrain.engine.run import Run, StopBeforeStep
 from posttrain.evaluation.hooks import GenerationEvalHook, prepare_generation_eval
-from posttrain.grpo.objective import Loss, micro_batches, policy_gradient_objective, token_weights
-from posttrain.grpo.questions import Questions, load_questions
-from posttrain.grpo.rollouts import (
+from posttrain.losses.policy_gradient import (
+    Loss,
+    micro_batches,
+    policy_gradient_objective,
+    token_weights,
+)
+from posttrain.rewards import get_reward_fn
+from posttrain.rollouts.questions import Questions, load_questions
+from posttrain.rollouts.sampling import (
     Rollout,
     RolloutError,
     Sampling,
@@ -37,7 +43,6 @@ from posttrain.grpo.rollouts import (
     rollout_statistics,
     sample_rollouts,
 )
-from posttrain.rewards import get_reward_fn
 
 logger = logging.getLogger("posttrain")
 

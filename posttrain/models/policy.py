@@ -14,7 +14,8 @@ the head, a chunk at a time.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -154,6 +155,11 @@ class PolicyModule(nn.Module):
             num_tokens=int(log_probs.numel()),
         )
 
+
+# objective(module, micro_batch) -> (loss, statistics): the micro-batch's share of the
+# step's loss (already divided by the step's global normaliser, so that the step's
+# gradient is the sum over micro-batches and ranks) and what to sum for the metrics.
+Objective = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, Any]]]
 
 # The name before the policy module served log-probs too; kept for one release.
 ResponseLoss = PolicyModule

@@ -13,6 +13,7 @@ from posttrain.config import SFTConfig, config_to_dict
 from posttrain.engine.method import Hook, Method
 from posttrain.engine.run import Run
 from posttrain.evaluation.hooks import GenerationEvalHook, LossEvalHook, prepare_generation_eval
+from posttrain.losses.nll import nll_objective, step_denominator
 from posttrain.primitives import pad_token_id_of
 from posttrain.sft.data import (
     Batching,
@@ -21,7 +22,6 @@ from posttrain.sft.data import (
     load_training_examples,
     log_data_plan,
 )
-from posttrain.sft.objective import nll_objective, step_denominator
 
 logger = logging.getLogger("posttrain")
 

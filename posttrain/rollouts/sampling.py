@@ -24,9 +24,9 @@ from torch import nn
 
 from posttrain.common.distributed import DistInfo
 from posttrain.generation.decode import Sample, generate
-from posttrain.grpo.questions import Questions
 from posttrain.rewards import RewardError, RewardFn, score_responses
 from posttrain.rl import group_advantages
+from posttrain.rollouts.questions import Questions
 
 
 class RolloutError(RuntimeError):

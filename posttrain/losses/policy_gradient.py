@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.common.devices import to_device
-from posttrain.engine.run import Objective
-from posttrain.grpo.rollouts import Rollout
+from posttrain.models.policy import Objective
 from posttrain.primitives import build_rollout_batch
 from posttrain.rl import compute_policy_gradient_loss, kl_penalty
+from posttrain.rollouts.sampling import Rollout
 
 
 @dataclass(frozen=True)
