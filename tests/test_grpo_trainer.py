@@ -287,3 +287,47 @@ def _cpu() -> Any:
     from posttrain.common.distributed import DistInfo
 
     return DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def test_expert_iteration_keeps_the_correct_responses_and_learns_from_them(rl_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from posttrain.config.grpo import ExpertIterationConfig
+    from posttrain.grpo.train import train_expert_iteration
+
+    reward = tmp_path / "has_a.py"
+    reward.write_text(
+        "def score(response, gold):\n"
+        "    ok = float('a' in response)\n"
+        "    return {'reward': ok, 'format_reward': 1.0, 'answer_reward': ok}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "ei"
+    values = grpo_config(rl_dir, out, reward=f"{reward}:score", train_batch_size=8).__dict__
+    config = ExpertIterationConfig(**{**values, "sft_epochs": 2})
+    result = train_expert_iteration(config)
+    assert result.steps == 3
+    rows = metrics(out)
+    assert all("kept" in r and 0 <= r["kept_fraction"] <= 1 for r in rows)
+    for step, row in enumerate(rows, start=1):
+        kept = [
+            json.loads(x)
+            for x in (out / "kept" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        ]
+        sampled = [
+            json.loads(x)
+            for x in (out / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        ]
+        assert len(kept) == row["kept"]
+        assert all(k["reward"] == 1.0 for k in kept)
+        distinct = {(s["question"], s["response"]) for s in sampled if s["reward"] == 1.0}
+        assert len(kept) == len(distinct)  # each correct response once
+    assert sum(r["kept"] for r in rows) > 0
+    start = load_file(rl_dir / "model" / "model.safetensors")
+    final = load_file(out / "final" / "model.safetensors")
+    assert any(not torch.equal(final[k], start[k]) for k in final)
+    assert (
+        (out / "final" / "config.yaml")
+        .read_text()
+        .startswith("# posttrain expert-iteration config")
+    )

@@ -19,6 +19,10 @@ from posttrain.config import key_hint
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("sft", "supervised fine-tuning of a causal LM on prompt/response data"),
     "grpo": ("grpo", "RL with verifiable rewards (GRPO): sample, score, reinforce"),
+    "expert-iteration": (
+        "expert_iteration",
+        "sample answers, keep the correct ones, fine-tune on them, repeat",
+    ),
     "inspect": ("inspect_data", "show the data as posttrain sft sees it: tokens, masks, stats"),
     "demo": ("demo", "a complete fine-tuning run on a CPU in minutes, no download: start here"),
     "generate": ("generate", "greedy completion of a prompt by a saved model, stopping at EOS"),

@@ -64,8 +64,6 @@ class GRPOConfig(TrainConfig):
     )
     beta: float = _f(0.0, "weight of the KL penalty to the starting model (0: no reference)")
     kl_estimator: Literal["k1", "k2", "k3"] = _f("k3", "per-token KL estimator")
-    # --- expert iteration (posttrain expert-iteration)
-    sft_epochs: int = _f(1, "expert iteration: SFT passes over each step's kept responses")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,7 +79,6 @@ def validate_grpo_config(cfg: GRPOConfig) -> None:
         "epochs_per_rollout_batch",
         "max_new_tokens",
         "generation_batch_size",
-        "sft_epochs",
     ):
         need(cfg, getattr(cfg, name) >= 1, name, "must be >= 1")
     need(cfg, cfg.group_size >= 2, "group_size", "must be >= 2 (advantages compare a group)")
@@ -124,10 +121,32 @@ def check_world_size(cfg: GRPOConfig, world_size: int) -> None:
         )
 
 
+@dataclass
+class ExpertIterationConfig(GRPOConfig):
+    """Every setting of an expert-iteration run (see `posttrain expert-iteration --help`):
+    GRPO's rollout settings (its loss settings go unused) and the fine-tuning passes."""
+
+    output_dir: str = _f(
+        "runs/expert-iteration", "where checkpoints, metrics and the final model go"
+    )
+    train_batch_size: int = _f(256, "kept responses per optimizer step (the last may be fewer)")
+    sft_epochs: int = _f(1, "fine-tuning passes over each step's kept responses")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        need(self, self.sft_epochs >= 1, "sft_epochs", "must be >= 1")
+
+
 # How GRPOConfig reads from YAML and flags; `--resume PATH` sets resume_from.
 GRPO_SPEC = ConfigSpec(
     GRPOConfig,
     "posttrain grpo",
     title="GRPO settings (also valid as YAML keys)",
+    path_flags={"resume": "resume_from"},
+)
+EI_SPEC = ConfigSpec(
+    ExpertIterationConfig,
+    "posttrain expert-iteration",
+    title="expert-iteration settings (also valid as YAML keys)",
     path_flags={"resume": "resume_from"},
 )

@@ -14,39 +14,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
-from typing import Any
 
 from torch import Tensor
 
-from posttrain.common.devices import autocast
-from posttrain.common.distributed import DistInfo, is_fsdp, unsharded
-from posttrain.common.jsonl import write_jsonl
-from posttrain.config.grpo import GRPOConfig, check_world_size
-from posttrain.engine.method import Hook, Method
-from posttrain.engine.resume import data_fingerprint
-from posttrain.engine.run import Run, StopBeforeStep
-from posttrain.evaluation.hooks import GenerationEvalHook, prepare_generation_eval
+from posttrain.config.grpo import GRPOConfig
+from posttrain.engine.run import Run
+from posttrain.grpo.base import RolloutMethod
 from posttrain.losses.policy_gradient import (
     Loss,
     micro_batches,
     policy_gradient_objective,
     token_weights,
 )
-from posttrain.rewards import get_reward_fn
-from posttrain.rollouts.questions import Questions, load_questions
 from posttrain.rollouts.sampling import (
     Rollout,
-    RolloutError,
-    Sampling,
-    rollout_rows,
     rollout_statistics,
-    sample_rollouts,
 )
 
 logger = logging.getLogger("posttrain")
 
-ROLLOUTS_DIR = "rollouts"
 # GRPO settings whose change on resume makes the run differ from an uninterrupted one.
 GRPO_BREAKS_EXACT_RESUME = (
     "train_file",
@@ -73,29 +59,17 @@ GRPO_BREAKS_EXACT_RESUME = (
 )
 
 
-class GRPO(Method):
+class GRPO(RolloutMethod):
     """Group-relative policy optimisation with verifiable rewards (`posttrain grpo`)."""
 
     command = "grpo"
     breaks_exact_resume = GRPO_BREAKS_EXACT_RESUME
 
     def __init__(self, config: GRPOConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.needs_reference = config.beta > 0
         self.updates_per_step = config.epochs_per_rollout_batch * (
             config.rollout_batch_size // config.train_batch_size
-        )
-        self.reward_fn = get_reward_fn(config.reward or "")
-        self.questions: Questions | None = None
-        self.sampling = Sampling(
-            group_size=config.group_size,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            max_new_tokens=config.max_new_tokens,
-            generation_batch_size=config.generation_batch_size,
-            seed=config.seed,
-            advantage_eps=config.advantage_eps,
-            std_normalization=config.std_normalization,
         )
         self.loss = Loss(
             loss_type=config.loss_type,
@@ -105,29 +79,6 @@ class GRPO(Method):
             beta=config.beta,
             kl_estimator=config.kl_estimator,
         )
-
-    def config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
-
-    def prepare(self, tokenizer: Any, info: DistInfo) -> int:
-        c = self.config
-        check_world_size(c, info.world_size)
-        self.questions = load_questions(
-            c.train_file,
-            tokenizer,
-            prompt_field=c.prompt_field,
-            answer_field=c.answer_field,
-            template=c.prompt_template,
-            chat=c.chat,
-            reward_fn=self.reward_fn,
-            vocab_size=len(tokenizer),
-        )
-        return int(c.max_steps or 0)
-
-    def _questions(self) -> Questions:
-        if self.questions is None:
-            raise RuntimeError("GRPO.prepare has not run")
-        return self.questions
 
     def log_plan(self, run: Run) -> None:
         c = self.config
@@ -146,10 +97,6 @@ class GRPO(Method):
             run.total_steps,
         )
 
-    def fingerprint(self) -> str:
-        questions = self._questions()
-        return data_fingerprint(questions.prompt_ids)
-
     def step(self, run: Run, step: int) -> dict[str, float]:
         rollouts, rollout_seconds = self._rollouts(run, step)
         started = time.monotonic()
@@ -165,37 +112,6 @@ class GRPO(Method):
             rollout_tokens_per_s=tokens / max(rollout_seconds, 1e-9),
         )
         return row
-
-    def _rollouts(self, run: Run, step: int) -> tuple[list[Rollout], float]:
-        c = self.config
-        questions = self._questions()
-        chosen = questions.for_step(c.seed, step, c.rollout_batch_size // c.group_size)
-        started = time.monotonic()
-        # Generation's caches need the memory more than the next update needs to skip
-        # the page faults of fresh loss buffers.
-        run.policy.release_buffers()
-        sharded = is_fsdp(run.module)
-        try:
-            with unsharded(run.module), autocast(run.info.device, run.autocast_dtype):
-                rollouts = sample_rollouts(
-                    run.model,
-                    run.tokenizer,
-                    questions,
-                    chosen,
-                    self.sampling,
-                    step,
-                    self.reward_fn,
-                    run.info,
-                    every_rank_samples_all=sharded,
-                )
-        except RolloutError as error:
-            raise StopBeforeStep(str(error)) from error
-        seconds = time.monotonic() - started
-        if run.info.is_main:
-            path = run.out / ROLLOUTS_DIR / f"step_{step + 1:06d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_jsonl(path, rollout_rows(rollouts, run.tokenizer))
-        return rollouts, seconds
 
     def _updates(self, run: Run, rollouts: Sequence[Rollout]) -> list[list[dict[str, Tensor]]]:
         """Each optimizer step's micro-batches on this rank, with the old policy's and the
@@ -252,29 +168,3 @@ class GRPO(Method):
         if self.config.beta > 0:
             row["kl"] = kl / max(tokens, 1.0)
         return row
-
-    def hooks(self, run: Run) -> list[Hook]:
-        c = self.config
-        if c.eval_generate_file is None:
-            return []
-        spec = prepare_generation_eval(
-            c.eval_generate_file,
-            run.tokenizer,
-            prompt_field=c.eval_prompt_field,
-            answer_field=c.eval_answer_field,
-            limit=c.eval_generate_limit,
-            template=c.eval_prompt_template or c.prompt_template,
-            reward=c.reward or "",
-            max_new_tokens=c.eval_max_new_tokens,
-            out_dir=run.out,
-        )
-        if run.info.is_main:
-            logger.info(
-                "generation evaluation: greedy answers to %d prompts of %s, %s",
-                len(spec.prompts),
-                c.eval_generate_file,
-                f"every {c.eval_generate_every} steps and at the end"
-                if c.eval_generate_every
-                else "at the end",
-            )
-        return [GenerationEvalHook(spec, c.eval_generate_every)]

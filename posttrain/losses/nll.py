@@ -55,3 +55,18 @@ def nll_objective(normalization: str, denominator: Tensor) -> Objective:
         return out.loss, nll_statistics(out, batch["attention_mask"])
 
     return objective
+
+
+def token_weighted_nll_objective() -> Objective:
+    """The engine objective of NLL on sampled responses with per-token weights already in
+    the batch (`token_weights` (batch, seq) float32, e.g. 1 / the step's response tokens,
+    0 on padding rows): `-sum(w * log p)` through the lean log-probs."""
+
+    def objective(module: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        out = module(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], output="log_probs"
+        )
+        weights = batch["token_weights"]
+        return -(out["log_probs"] * weights).sum(), {"num_response_tokens": (weights > 0).sum()}
+
+    return objective

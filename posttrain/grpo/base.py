@@ -1,0 +1,135 @@
+"""What the rollout methods (GRPO, expert iteration) share: their questions, how they
+sample and score rollouts each step, the rollouts written per step, the data fingerprint
+and the generation evaluation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+from posttrain.common.devices import autocast
+from posttrain.common.distributed import DistInfo, is_fsdp, unsharded
+from posttrain.common.jsonl import write_jsonl
+from posttrain.config.grpo import GRPOConfig, check_world_size
+from posttrain.engine.method import Hook, Method
+from posttrain.engine.resume import data_fingerprint
+from posttrain.engine.run import Run, StopBeforeStep
+from posttrain.evaluation.hooks import GenerationEvalHook, prepare_generation_eval
+from posttrain.rewards import get_reward_fn
+from posttrain.rollouts.questions import Questions, load_questions
+from posttrain.rollouts.sampling import (
+    Rollout,
+    RolloutError,
+    Sampling,
+    rollout_rows,
+    sample_rollouts,
+)
+
+logger = logging.getLogger("posttrain")
+
+ROLLOUTS_DIR = "rollouts"
+
+
+class RolloutMethod(Method):
+    """A method whose step starts by sampling and scoring a rollout batch."""
+
+    def __init__(self, config: GRPOConfig) -> None:
+        self.config = config
+        self.reward_fn = get_reward_fn(config.reward or "")
+        self.questions: Questions | None = None
+        self.sampling = Sampling(
+            group_size=config.group_size,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            generation_batch_size=config.generation_batch_size,
+            seed=config.seed,
+            advantage_eps=config.advantage_eps,
+            std_normalization=config.std_normalization,
+        )
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def prepare(self, tokenizer: Any, info: DistInfo) -> int:
+        c = self.config
+        check_world_size(c, info.world_size)
+        self.questions = load_questions(
+            c.train_file,
+            tokenizer,
+            prompt_field=c.prompt_field,
+            answer_field=c.answer_field,
+            template=c.prompt_template,
+            chat=c.chat,
+            reward_fn=self.reward_fn,
+            vocab_size=len(tokenizer),
+        )
+        return int(c.max_steps or 0)
+
+    def _questions(self) -> Questions:
+        if self.questions is None:
+            raise RuntimeError(f"{type(self).__name__}.prepare has not run")
+        return self.questions
+
+    def fingerprint(self) -> str:
+        questions = self._questions()
+        return data_fingerprint(questions.prompt_ids)
+
+    def _rollouts(self, run: Run, step: int) -> tuple[list[Rollout], float]:
+        c = self.config
+        questions = self._questions()
+        chosen = questions.for_step(c.seed, step, c.rollout_batch_size // c.group_size)
+        started = time.monotonic()
+        # Generation's caches need the memory more than the next update needs to skip
+        # the page faults of fresh loss buffers.
+        run.policy.release_buffers()
+        sharded = is_fsdp(run.module)
+        try:
+            with unsharded(run.module), autocast(run.info.device, run.autocast_dtype):
+                rollouts = sample_rollouts(
+                    run.model,
+                    run.tokenizer,
+                    questions,
+                    chosen,
+                    self.sampling,
+                    step,
+                    self.reward_fn,
+                    run.info,
+                    every_rank_samples_all=sharded,
+                )
+        except RolloutError as error:
+            raise StopBeforeStep(str(error)) from error
+        seconds = time.monotonic() - started
+        if run.info.is_main:
+            path = run.out / ROLLOUTS_DIR / f"step_{step + 1:06d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(path, rollout_rows(rollouts, run.tokenizer))
+        return rollouts, seconds
+
+    def hooks(self, run: Run) -> list[Hook]:
+        c = self.config
+        if c.eval_generate_file is None:
+            return []
+        spec = prepare_generation_eval(
+            c.eval_generate_file,
+            run.tokenizer,
+            prompt_field=c.eval_prompt_field,
+            answer_field=c.eval_answer_field,
+            limit=c.eval_generate_limit,
+            template=c.eval_prompt_template or c.prompt_template,
+            reward=c.reward or "",
+            max_new_tokens=c.eval_max_new_tokens,
+            out_dir=run.out,
+        )
+        if run.info.is_main:
+            logger.info(
+                "generation evaluation: greedy answers to %d prompts of %s, %s",
+                len(spec.prompts),
+                c.eval_generate_file,
+                f"every {c.eval_generate_every} steps and at the end"
+                if c.eval_generate_every
+                else "at the end",
+            )
+        return [GenerationEvalHook(spec, c.eval_generate_every)]
