@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from posttrain.generation.decode import Sample, generate, greedy_generate, logits_entropy
+from posttrain.generation.decode import (
+    Sample,
+    generate,
+    greedy_generate,
+    inverse_cdf_sample,
+    logits_entropy,
+    sample_next_tokens,
+)
 from posttrain.models.tiny import tiny_causal_lm
 
 # Mixed lengths, so every batch of more than one prompt is left-padded.
@@ -155,6 +163,89 @@ def test_samples_come_back_per_prompt_in_input_order(
     )  # fmt: skip
     for g, s in zip(greedy, sampled, strict=True):
         assert [x.token_ids for x in s] == [g[0].token_ids] * 2
+
+
+def test_inverse_cdf_sample_draws_in_proportion_to_the_weights() -> None:
+    """300 entries: two full blocks and a partial one; zero weights inside and at the ends."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.rand(300, generator=generator) ** 4
+    weights[[0, 5, 127, 128, 200, 299]] = 0.0
+    weights[255:] = 0.0
+    weights[140] = 3.0  # one entry with a large share
+    rows = 40_000
+    uniform = torch.rand(rows, dtype=torch.float64, generator=generator)
+    drawn = inverse_cdf_sample(weights.expand(rows, -1).contiguous(), uniform)
+    assert drawn.dtype == torch.int64 and drawn.shape == (rows,)
+    counts = torch.bincount(drawn, minlength=300).double()
+    assert counts[weights == 0].sum() == 0
+    expected = rows * weights.double() / weights.double().sum()
+    # Binomial counts: every entry within 5 standard deviations (+1 for tiny expectations).
+    assert ((counts - expected).abs() <= 5 * expected.sqrt() + 1).all()
+
+
+def test_inverse_cdf_sample_at_the_ends_of_the_unit_interval() -> None:
+    """u = 0 and the largest u below 1 pick the first and last entries with weight, never a
+    zero-weight entry, whatever the float rounding of the block sums."""
+    weights = torch.zeros(3, 400)
+    weights[0, [3, 390]] = 1.0
+    weights[1, 256] = 1e-30
+    weights[2, [0, 399]] = torch.tensor([1e-3, 1e3])
+    largest = torch.tensor(1.0, dtype=torch.float64).nextafter(
+        torch.tensor(0.0, dtype=torch.float64)
+    )
+    for u, expected in ((0.0, [3, 256, 0]), (float(largest), [390, 256, 399])):
+        drawn = inverse_cdf_sample(weights, torch.full((3,), u, dtype=torch.float64))
+        assert drawn.tolist() == expected
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sample_next_tokens_follows_softmax_at_the_temperature(temperature: float) -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = 2 * torch.randn(1, 50, generator=generator)
+    logits[0, 7] = float("-inf")  # a masked token is never drawn
+    rows = 30_000
+    scores = logits.expand(rows, -1).contiguous()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tokens, entropy = sample_next_tokens(scores.clone(), temperature, 1.0, True)
+    counts = torch.bincount(tokens, minlength=50).double()
+    expected = rows * (logits[0].double() / temperature).softmax(-1)
+    assert counts[7] == 0
+    assert ((counts - expected).abs() <= 5 * expected.sqrt() + 1).all()
+    # The entropy is the raw logits' (temperature 1), whatever the sampling temperature.
+    assert entropy is not None
+    torch.testing.assert_close(entropy, logits_entropy(scores))
+
+
+def test_sample_next_tokens_keeps_hugging_faces_nucleus() -> None:
+    """top_p draws only from the tokens `TopPLogitsWarper` keeps, and from all of them."""
+    from transformers import TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(2)
+    logits = 3 * torch.randn(4, 40, generator=generator)
+    rows = 4_000
+    for top_p in (0.3, 0.8):
+        kept = TopPLogitsWarper(top_p)(None, logits.clone()).isfinite()
+        scores = logits.repeat_interleave(rows, dim=0)
+        tokens, entropy = sample_next_tokens(scores, 1.0, top_p, False)
+        assert entropy is None
+        for r in range(4):
+            drawn = set(tokens[r * rows : (r + 1) * rows].tolist())
+            assert drawn == set(kept[r].nonzero()[:, 0].tolist())
+
+
+def test_entropy_recording_is_optional_and_changes_no_sample(
+    peaky_llama: PreTrainedModel, llama_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    for temperature in (0.0, 1.0):
+        kwargs = {"max_new_tokens": 6, "temperature": temperature, "n": 1 + (temperature > 0)}
+        kept = generate(peaky_llama, llama_tokenizer, PROMPTS, **kwargs, seed=3)
+        lean = generate(
+            peaky_llama, llama_tokenizer, PROMPTS, **kwargs, seed=3, record_entropy=False
+        )
+        assert [[x.token_ids for x in s] for s in lean] == [[x.token_ids for x in s] for s in kept]
+        assert all(math.isnan(x.mean_entropy) for s in lean for x in s)
+        assert all(0.5 < x.mean_entropy < 5.0 for s in kept for x in s)
 
 
 # --------------------------------------------------------------------------- stopping
