@@ -203,6 +203,10 @@ def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys) -> None:
         ["eval", "--help"],
         ["sft", "--model", "no/such/dir", "--train-file", "t.jsonl"],
         ["sft", "--lr-schedular", "cosine"],
+        ["grpo", "--help"],
+        ["expert-iteration", "--help"],
+        ["grpo", "--model", "no/such/dir", "--train-file", "q.jsonl", "--reward", "gsm8k"],
+        ["grpo", "--rollout-batch-size", "10", "--group-size", "4"],
     ],
 )
 def test_help_and_config_errors_never_import_torch(argv: list[str]) -> None:
