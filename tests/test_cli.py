@@ -205,6 +205,8 @@ def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys) -> None:
         ["sft", "--lr-schedular", "cosine"],
         ["grpo", "--help"],
         ["expert-iteration", "--help"],
+        ["dpo", "--help"],
+        ["dpo", "--model", "m", "--train-file", "p.jsonl", "--beta", "0"],
         ["grpo", "--model", "no/such/dir", "--train-file", "q.jsonl", "--reward", "gsm8k"],
         ["grpo", "--rollout-batch-size", "10", "--group-size", "4"],
     ],

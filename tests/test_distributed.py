@@ -129,6 +129,11 @@ def workdir(tmp_path_factory, llama_tokenizer) -> Path:
     questions = [{"prompt": r["prompt"], "answer": r["response"]} for r in reverse_task(24, 0)]
     write_jsonl(root / "questions.jsonl", questions)
     (root / "reward.py").write_text(REWARD, encoding="utf-8")
+    pairs = [
+        {"prompt": r["prompt"], "chosen": r["response"], "rejected": " " + r["response"][::-1]}
+        for r in reverse_task(24, seed=0)
+    ]
+    write_jsonl(root / "pairs.jsonl", pairs)
     (root / "has_a.py").write_text(
         "def score(response, gold):\n"
         "    ok = float('a' in response)\n"
@@ -178,6 +183,24 @@ def ei_args(root: Path, out: Path) -> list[str]:
     args = grpo_args(root, out, reward=f"{root / 'has_a.py'}:score", train_batch_size=8)
     args = [a for a in args if a not in ("--loss-type", "grpo_clip", "--beta", "0.04")]
     return ["expert-iteration", *args[1:], "--sft-epochs", "2"]
+
+
+def dpo_args(root: Path, out: Path, micro: int, accum: int) -> list[str]:
+    """A 4-step `posttrain dpo` run of 8 pairs per step (micro x accumulation x ranks)."""
+    settings = {
+        "model": str(root / "model"),
+        "train_file": str(root / "pairs.jsonl"),
+        "output_dir": str(out),
+        "micro_batch_size": micro,
+        "grad_accum_steps": accum,
+        "max_steps": 4,
+        "lr": 5e-3,
+        "beta": 0.5,
+        "precision": "fp32",
+        "num_threads": 1,
+        "progress": False,
+    }
+    return ["dpo", *cli_args(settings)[1:]]
 
 
 def generation_eval(root: Path) -> dict[str, Any]:
@@ -237,6 +260,7 @@ def two_ranks(workdir) -> dict[str, Any]:
         jobs[f"reference-{lora}"] = {"argv": [], "reference": job}
     jobs["grpo"] = {"argv": grpo_args(workdir, workdir / "two-grpo", micro_batch_size=1)}
     jobs["ei"] = {"argv": ei_args(workdir, workdir / "two-ei")}
+    jobs["dpo"] = {"argv": dpo_args(workdir, workdir / "two-dpo", 2, 2)}
     disagree = base_settings(workdir, "model", workdir / "two-disagree")
     jobs["disagree"] = {"argv": cli_args(disagree), "rank1_extra": ["--lr", "0.001"]}
     tiny = base_settings(workdir, "model", workdir / "two-tiny")
@@ -418,6 +442,26 @@ def test_grpo_two_ranks_match_one_process(workdir, two_ranks, tmp_path) -> None:
         # (an embedding row no rollout used) the reduction order's rounding moves a weight
         # by a fraction of lr; at lr 1e-2 up to ~3e-4.
         torch.testing.assert_close(got[key], want[key], atol=5e-4, rtol=0, msg=key)
+
+
+def test_dpo_two_ranks_match_one_process(workdir, two_ranks, tmp_path) -> None:
+    """8 pairs per step as 2 ranks x 2 pairs x 2 accumulations and as 8 x 1 in one
+    process: the same losses (to 1e-5), the reference scored over the ranks alike."""
+    from posttrain.cli.main import main
+
+    assert all(c["dpo"] == 0 for c in two_ranks["codes"]), two_ranks["stderr"][-4000:]
+    two, one = workdir / "two-dpo", tmp_path / "one"
+    assert main(dpo_args(workdir, one, 8, 1)) == 0
+    rows_two, rows_one = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (two, one)
+    )
+    assert [r["step"] for r in rows_two] == [1, 2, 3, 4]
+    for a, b in zip(rows_two, rows_one, strict=True):
+        for key in ("loss", "reward_margin", "reward_accuracy", "logps_chosen"):
+            assert a[key] == pytest.approx(b[key], abs=TOLERANCE, rel=0), (key, a, b)
+    ref_two = torch.load(two / "reference_logps.pt", weights_only=True)["logps"]
+    ref_one = torch.load(one / "reference_logps.pt", weights_only=True)["logps"]
+    torch.testing.assert_close(ref_two, ref_one, atol=1e-5, rtol=0)
 
 
 def test_expert_iteration_two_ranks_match_one_process(workdir, two_ranks, tmp_path) -> None:

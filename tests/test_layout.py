@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "posttrain.engine": 3,
     "posttrain.sft": 4,
     "posttrain.grpo": 4,
+    "posttrain.dpo": 4,
     "posttrain.demo": 5,
     "posttrain.cli": 6,
     "posttrain._moved": 0,
@@ -38,7 +39,7 @@ LAYERS: dict[str, int] = {
     "posttrain.__main__": 7,
 }
 # Training methods: each is a folder on the engine; none imports another's modules.
-METHODS = ("posttrain.sft", "posttrain.grpo")
+METHODS = ("posttrain.sft", "posttrain.grpo", "posttrain.dpo")
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
 

@@ -19,6 +19,7 @@ from posttrain.config import key_hint
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("sft", "supervised fine-tuning of a causal LM on prompt/response data"),
     "grpo": ("grpo", "RL with verifiable rewards (GRPO): sample, score, reinforce"),
+    "dpo": ("dpo", "preference optimisation (DPO) on prompt/chosen/rejected pairs"),
     "expert-iteration": (
         "expert_iteration",
         "sample answers, keep the correct ones, fine-tune on them, repeat",

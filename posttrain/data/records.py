@@ -61,7 +61,7 @@ def _response_key(row: dict[str, Any], fmt: DataFormat) -> str:
     return name
 
 
-def _check_messages(messages: Any, source: str, name: str) -> list[dict[str, str]]:
+def check_messages(messages: Any, source: str, name: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(
             f"{source}: field {name!r} must be a non-empty list of messages, "
@@ -92,7 +92,7 @@ def record_from_row(row: Any, source: str, fmt: DataFormat) -> Record:
         raise ValueError(f"{source}: expected an object (one example), got {type(row).__name__}")
     messages = row.get(fmt.messages_field)
     if messages is not None:
-        return Record(None, None, _check_messages(messages, source, fmt.messages_field), source)
+        return Record(None, None, check_messages(messages, source, fmt.messages_field), source)
     response_key = _response_key(row, fmt)
     for key in (fmt.prompt_field, response_key):
         if key not in row:

@@ -60,6 +60,7 @@ def _loop(method: Method, settings: RunSettings, info: DistInfo) -> TrainResult:
     run = prepare_run(method, settings, info)
     if isinstance(run, TrainResult):
         return run  # a finished run, resumed: nothing to do
+    method.setup(run)
     hooks = method.hooks(run)
     metrics = MetricsLogger(
         run.out,

@@ -64,6 +64,10 @@ class Method:
         """Optimizer step `step` (0-based): gradients, `run.optimizer_step`, metrics."""
         raise NotImplementedError
 
+    def setup(self, run: Run) -> None:
+        """Once the run is prepared (and restored), before its first step: work that needs
+        the model, such as scoring the data with the starting weights. Every rank calls it."""
+
     def hooks(self, run: Run) -> list[Hook]:
         """Evaluations and other work the engine runs on their own cadence."""
         return []

@@ -1,0 +1,34 @@
+"""`posttrain dpo`: preference optimisation (DPO) from a YAML config and/or flags."""
+
+from __future__ import annotations
+
+import argparse
+
+from posttrain.cli.common import check_data_path, check_model_dir, check_tracker
+from posttrain.cli.training import run_training
+from posttrain.config.dpo import DPO_SPEC, DPOConfig
+from posttrain.config.values import flag
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    DPO_SPEC.add_arguments(parser)
+
+
+def check_paths(config: DPOConfig) -> None:
+    """The input paths exist and the tracker is installed, before torch is imported."""
+    check_model_dir(config.model)
+    for name in ("train_file", "eval_file", "eval_generate_file"):
+        check_data_path(getattr(config, name), flag(name))
+    check_tracker(config.report_to)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = DPO_SPEC.from_args(args)
+    check_paths(config)
+
+    def train() -> object:
+        from posttrain.dpo.train import train_dpo
+
+        return train_dpo(config)
+
+    return run_training("dpo", train)
