@@ -160,6 +160,9 @@ def test_dpo_trains_with_the_reference_computed_once(dpo_dir, tmp_path) -> None:
     saved = torch.load(out / "reference_logps.pt", weights_only=True)
     assert saved["logps"].shape == (24 + 5, 2)
     assert result.final_model_dir == out / "final"
+    from posttrain.engine.metrics import plot_panels
+
+    assert plot_panels(rows) == ["loss", "reward margin", "preference accuracy", "lr"]
 
 
 def step_gradient(dpo_dir: Path, tmp_path: Path, micro: int, accum: int) -> dict:

@@ -320,12 +320,20 @@ def _series(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 PANELS = (
     ("loss", ("loss", "eval_loss"), 3),
     ("reward", ("reward", "answer_reward", "format_reward"), 2),
+    ("reward margin", ("reward_margin", "eval_reward_margin"), 2),
+    ("preference accuracy", ("reward_accuracy", "eval_reward_accuracy"), 1),
     ("held-out accuracy", ("eval_accuracy",), 2),
     ("response length", ("response_length",), 1),
     ("lr", ("lr",), 1),
 )
 # Panels drawn only when a run logged what they show (RL rewards, generation evaluation).
-_OPTIONAL_PANELS = ("reward", "held-out accuracy", "response length")
+_OPTIONAL_PANELS = (
+    "reward",
+    "reward margin",
+    "preference accuracy",
+    "held-out accuracy",
+    "response length",
+)
 
 
 def plot_panels(records: list[dict[str, Any]]) -> list[str]:
@@ -341,9 +349,9 @@ def plot_panels(records: list[dict[str, Any]]) -> list[str]:
 def plot_metrics(
     metrics_jsonl_path: str | os.PathLike[str], png_path: str | os.PathLike[str]
 ) -> Path:
-    """Plot the loss (train and eval), an RL run's rewards and response length, held-out
-    accuracy when a generation evaluation ran, and the learning rate over steps; return
-    the PNG path."""
+    """Plot the loss (train and eval), an RL run's rewards and response length, a DPO run's
+    reward margin and preference accuracy, held-out accuracy when a generation evaluation
+    ran, and the learning rate over steps; return the PNG path."""
     # Figure without pyplot: no global state and no GUI backend, safe in any process.
     with quiet_font_cache():
         from matplotlib.figure import Figure
@@ -359,7 +367,7 @@ def plot_metrics(
         for key in drawn:
             style, label = styles.get(key, ("o-", key))
             ax.plot(*zip(*series[key], strict=True), style, label=label, markersize=4)
-        if title in ("loss", "reward"):
+        if title in ("loss", "reward", "reward margin", "preference accuracy"):
             if drawn:
                 ax.legend()
             else:
