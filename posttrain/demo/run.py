@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from posttrain.demo.task import (
     DEFAULT_OUTPUT_DIR,
     MAX_LETTERS,
     NUM_EVAL,
+    RL_DIR,
+    SFT_DIR,
     DemoError,
     DemoSettings,
     make_reversal_examples,
@@ -55,7 +57,16 @@ TRY_WORD = "stressed"
 # The file the demo writes first, with the demo's settings.
 MARKER_FILE = "demo_config.json"
 # Everything a demo run writes into its directory; --overwrite deletes only these.
-DEMO_ARTIFACTS = (MARKER_FILE, TRAIN_FILE, EVAL_FILE, BASE_MODEL_DIR, SUMMARY_FILE, *RUN_ARTIFACTS)
+DEMO_ARTIFACTS = (
+    MARKER_FILE,
+    TRAIN_FILE,
+    EVAL_FILE,
+    BASE_MODEL_DIR,
+    SUMMARY_FILE,
+    SFT_DIR,
+    RL_DIR,
+    *RUN_ARTIFACTS,
+)
 
 
 def train_char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
@@ -127,14 +138,19 @@ def write_task_files(output_dir: Path, settings: DemoSettings) -> tuple[Path, Pa
 
 
 def sft_config_for(
-    settings: DemoSettings, output_dir: Path, base_dir: Path, progress: bool
+    settings: DemoSettings,
+    output_dir: Path,
+    base_dir: Path,
+    progress: bool,
+    run_dir: Path | None = None,
 ) -> SFTConfig:
-    """The `posttrain sft` settings of the demo's fine-tuning run."""
+    """The `posttrain sft` settings of the demo's fine-tuning run: data from `output_dir`,
+    the run written to `run_dir` (default: `output_dir` itself)."""
     return SFTConfig(
         model=str(base_dir),
         train_file=str(output_dir / TRAIN_FILE),
         eval_file=str(output_dir / EVAL_FILE),
-        output_dir=str(output_dir),
+        output_dir=str(run_dir or output_dir),
         # The longest example is 26 prompt + 8 answer + 1 EOS tokens.
         max_seq_len=64,
         micro_batch_size=settings.micro_batch_size,
@@ -183,18 +199,27 @@ def score_held_out(
     tokenizer: PreTrainedTokenizerFast,
     prompts: list[str],
     answers: list[str],
+    *,
+    n: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> EvalResult:
-    """Greedy answers to the held-out prompts scored by exact match, as `posttrain eval
-    --reward exact --max-new-tokens 9` scores them (room for 8 letters and the EOS)."""
+    """Answers to the held-out prompts scored by exact match, as `posttrain eval
+    --reward exact --max-new-tokens 9` scores them (room for 8 letters and the EOS):
+    greedy by default, else `n` samples per prompt at `temperature` (summary["mean@n"])."""
     return evaluate_answers(
         model,
         tokenizer,
         prompts,
         answers,
         get_reward_fn("exact"),
+        n=n,
+        temperature=temperature,
+        seed=seed,
         max_new_tokens=MAX_LETTERS + 1,
         stop_token_ids=end_of_turn_token_ids(tokenizer),
-        batch_size=256,
+        # About 256 sequences per generate call, whatever n is.
+        batch_size=max(1, 256 // n),
     )
 
 
@@ -212,27 +237,66 @@ def run_demo(
     `echo` receives a line per stage (None: silent); the trainer's own progress bar
     and log lines appear as in `posttrain sft`.
     """
-    if max_steps < 1:
-        raise DemoError(f"--max-steps must be at least 1, got {max_steps}")
-    if not 0 <= seed < 2**32:
-        raise DemoError(f"--seed must be in [0, 2**32), got {seed}")
-    started = time.monotonic()
+    check_steps("--max-steps", max_steps)
+    check_seed(seed)
     settings = DemoSettings(seed=seed, max_steps=max_steps, num_eval=num_eval)
     out = Path(output_dir)
+    say = echo or (lambda _line: None)
+    return run_in_demo_dir(
+        out, settings, settings.num_threads, overwrite, lambda: _run(out, settings, progress, say)
+    )
+
+
+def check_steps(flag: str, steps: int) -> None:
+    """DemoError unless `steps` (the value of `flag`) is at least 1."""
+    if steps < 1:
+        raise DemoError(f"{flag} must be at least 1, got {steps}")
+
+
+def check_seed(seed: int) -> None:
+    """DemoError unless `seed` fits every generator the demo seeds."""
+    if not 0 <= seed < 2**32:
+        raise DemoError(f"--seed must be in [0, 2**32), got {seed}")
+
+
+def run_in_demo_dir(
+    out: Path,
+    settings: Any,
+    num_threads: int,
+    overwrite: bool,
+    body: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """Prepare `out`, record `settings` (a dataclass) in it, run `body` on `num_threads`
+    torch threads, and write its summary (with total_seconds) to DIR/summary.json."""
+    started = time.monotonic()
     prepare_output_dir(out, overwrite)
     (out / MARKER_FILE).write_text(json.dumps(asdict(settings), indent=2) + "\n")
     # One thread: this model is too small for a second one to pay, and on a machine
     # whose other core is busy, two threads ran 2-3x slower than one.
-    with torch_threads(settings.num_threads), quiet_hf_progress():
-        summary = _run(out, settings, progress, echo or (lambda _line: None))
+    with torch_threads(num_threads), quiet_hf_progress():
+        summary = body()
     summary["total_seconds"] = time.monotonic() - started
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _run(
-    out: Path, settings: DemoSettings, progress: bool, say: Callable[[str], None]
-) -> dict[str, Any]:
+@dataclass
+class DemoTask:
+    """The demo's data and starting point, as `set_up_task` wrote them: the task files,
+    the held-out prompts and answers (strings), and the random base model (float32) with
+    its character tokenizer, saved to `base_dir`."""
+
+    train_path: Path
+    eval_path: Path
+    prompts: list[str]
+    answers: list[str]
+    base_dir: Path
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerFast
+
+
+def set_up_task(out: Path, settings: DemoSettings, say: Callable[[str], None]) -> DemoTask:
+    """Write the task files, train the tokenizer, build and save the random base model."""
     train_path, eval_path = write_task_files(out, settings)
     train_rows = [row for _, row in read_jsonl(train_path)]
     eval_rows = [row for _, row in read_jsonl(eval_path)]
@@ -251,15 +315,28 @@ def _run(
         f"model: {settings.arch} with random weights, {num_params / 1e6:.2f}M parameters, "
         f"{len(tokenizer)}-token character vocabulary -> {base_dir}"
     )
+    return DemoTask(
+        train_path=train_path,
+        eval_path=eval_path,
+        prompts=[r["prompt"] for r in eval_rows],
+        answers=[r["response"] for r in eval_rows],
+        base_dir=base_dir,
+        model=model,
+        tokenizer=tokenizer,
+    )
 
-    prompts = [r["prompt"] for r in eval_rows]
-    answers = [r["response"] for r in eval_rows]
-    before = score_held_out(model, tokenizer, prompts, answers)
+
+def _run(
+    out: Path, settings: DemoSettings, progress: bool, say: Callable[[str], None]
+) -> dict[str, Any]:
+    task = set_up_task(out, settings, say)
+    prompts, answers = task.prompts, task.answers
+    before = score_held_out(task.model, task.tokenizer, prompts, answers)
     accuracy_before = before.summary["accuracy"]
     say(f"held-out exact match before training: {accuracy_before:.1%}")
 
     say(f"fine-tuning for {settings.max_steps} steps (the `posttrain sft` trainer)")
-    result = train(sft_config_for(settings, out, base_dir, progress))
+    result = train(sft_config_for(settings, out, task.base_dir, progress))
 
     # Score the saved model, not the in-memory one: that is what a user gets.
     trained, trained_tokenizer = load_model_and_tokenizer(result.final_model_dir, "cpu")
@@ -270,7 +347,7 @@ def _run(
         "task": "word reversal",
         "seed": settings.seed,
         "steps": result.steps,
-        "num_eval": len(eval_rows),
+        "num_eval": len(prompts),
         "accuracy_before": accuracy_before,
         "accuracy_after": accuracy_after,
         "final_loss": result.final_loss,
@@ -278,13 +355,20 @@ def _run(
         "model_dir": str(result.final_model_dir),
         "metrics_path": str(result.metrics_path),
         "plot_path": str(result.plot_path) if result.plot_path else None,
-        "train_file": str(train_path),
-        "eval_file": str(eval_path),
-        "examples": [
-            {"prompt": p, "expected": a, "generated": g}
-            for p, a, g in list(zip(prompts, answers, predictions, strict=True))[:5]
-        ],
+        "train_file": str(task.train_path),
+        "eval_file": str(task.eval_path),
+        "examples": example_rows(prompts, answers, predictions),
     }
+
+
+def example_rows(
+    prompts: list[str], answers: list[str], predictions: list[str], count: int = 5
+) -> list[dict[str, str]]:
+    """The first `count` held-out prompts with their expected and generated answers."""
+    return [
+        {"prompt": p, "expected": a, "generated": g}
+        for p, a, g in list(zip(prompts, answers, predictions, strict=True))[:count]
+    ]
 
 
 def format_summary(summary: dict[str, Any], output_dir: str | Path) -> str:
@@ -301,14 +385,20 @@ def format_summary(summary: dict[str, Any], output_dir: str | Path) -> str:
     ]
     if summary.get("plot_path"):
         lines.append(f"  plot:    {summary['plot_path']}")
-    lines += [f"  summary: {Path(output_dir) / SUMMARY_FILE}", "  examples:"]
+    lines.append(f"  summary: {Path(output_dir) / SUMMARY_FILE}")
+    return "\n".join(lines + closing_lines(summary))
+
+
+def closing_lines(summary: dict[str, Any]) -> list[str]:
+    """The end of a demo's report: three held-out examples and how to try the model."""
+    lines = ["  examples:"]
     for ex in summary["examples"][:3]:
         mark = "ok" if ex["generated"] == ex["expected"] else "WRONG"
         lines.append(f"    {ex['prompt']!r} -> {ex['generated']!r} ({mark})")
-    lines += [
+    return [
+        *lines,
         "",
         "Try it on a word of your own (lowercase, 3 to 8 letters):",
         f"  posttrain generate --model {summary['model_dir']} "
         f'--prompt "{reversal_prompt(TRY_WORD)}"',
     ]
-    return "\n".join(lines)

@@ -23,6 +23,11 @@ ALPHABET = string.ascii_lowercase
 
 DEFAULT_OUTPUT_DIR = "runs/demo"
 DEFAULT_MAX_STEPS = 300
+# `posttrain demo --rl` writes elsewhere by default, so that it never asks to overwrite
+# the plain demo's run.
+DEFAULT_RL_OUTPUT_DIR = "runs/demo-rl"
+# `posttrain demo --rl` keeps its SFT and GRPO runs in these sub-directories of DIR.
+SFT_DIR, RL_DIR = "sft", "rl"
 NUM_TRAIN = 20_000
 NUM_EVAL = 200
 
@@ -48,6 +53,46 @@ class DemoSettings:
     lr: float = 2e-3
     warmup_steps: int = 30
     num_threads: int = 1
+
+
+@dataclass(frozen=True)
+class RLDemoSettings:
+    """Everything that shapes a `posttrain demo --rl` run; saved as DIR/demo_config.json.
+
+    A short SFT run (`sft_steps` of the plain demo's recipe) leaves the model part-way,
+    then GRPO with the `exact` reward trains it on its own samples: each step samples
+    `group_size` answers to each of `questions_per_step` training words at temperature 1,
+    on-policy (one optimizer step per rollout batch). Held-out greedy accuracy and
+    mean@`eval_samples` are scored at the SFT model and after RL.
+    """
+
+    seed: int = 0
+    sft_steps: int = 130
+    # At 100 steps seed 1 rose only 61.5% -> 66.0%; 150 steps still fit in 5 minutes.
+    rl_steps: int = 150
+    num_eval: int = NUM_EVAL
+    questions_per_step: int = 32
+    group_size: int = 8
+    # Rollouts per forward/backward pass: the whole batch in one pass was the fastest
+    # (0.74 s against 0.86 s per step in micro-batches of 64); the result is the same.
+    micro_batch_size: int = 256
+    lr: float = 1e-4
+    adam_beta2: float = 0.95
+    temperature: float = 1.0
+    # Held-out greedy accuracy every this many RL steps (the plot's accuracy curve).
+    eval_every: int = 10
+    # Samples per held-out word at temperature 1 for mean@N.
+    eval_samples: int = 8
+    num_threads: int = 1
+
+    def sft(self) -> DemoSettings:
+        """The plain demo's settings for the SFT stage."""
+        return DemoSettings(
+            seed=self.seed,
+            max_steps=self.sft_steps,
+            num_eval=self.num_eval,
+            num_threads=self.num_threads,
+        )
 
 
 def reversal_prompt(word: str) -> str:
