@@ -259,6 +259,9 @@ def two_ranks(workdir) -> dict[str, Any]:
         job = {"model": str(workdir / "model"), "out": out, "lora": lora, "strategy": "fsdp"}
         jobs[f"reference-{lora}"] = {"argv": [], "reference": job}
     jobs["grpo"] = {"argv": grpo_args(workdir, workdir / "two-grpo", micro_batch_size=1)}
+    # FSDP: every rank samples every chunk (the sharded layers gather in step).
+    fsdp = grpo_args(workdir, workdir / "two-grpo-fsdp", micro_batch_size=1, strategy="fsdp")
+    jobs["grpo-fsdp"] = {"argv": fsdp}
     jobs["ei"] = {"argv": ei_args(workdir, workdir / "two-ei")}
     jobs["dpo"] = {"argv": dpo_args(workdir, workdir / "two-dpo", 2, 2)}
     disagree = base_settings(workdir, "model", workdir / "two-disagree")
@@ -413,15 +416,17 @@ def test_two_rank_lora_dropout_run_resumes_exactly(workdir, two_ranks) -> None:
     assert steps == [4, 5]
 
 
-def test_grpo_two_ranks_match_one_process(workdir, two_ranks, tmp_path) -> None:
-    """Each rank samples its chunks of the questions, the rollouts are gathered, each rank
-    trains on its half: the same rollouts, losses and weights as one process."""
+@pytest.mark.parametrize("job", ["grpo", "grpo-fsdp"])
+def test_grpo_two_ranks_match_one_process(workdir, two_ranks, tmp_path, job) -> None:
+    """Each rank samples its chunks of the questions (under FSDP: all of them), the
+    rollouts are gathered, each rank trains on its half: the same rollouts, losses and
+    weights as one process."""
     from safetensors.torch import load_file
 
     from posttrain.cli.main import main
 
-    assert all(c["grpo"] == 0 for c in two_ranks["codes"]), two_ranks["stderr"][-4000:]
-    two, one = workdir / "two-grpo", tmp_path / "one"
+    assert all(c[job] == 0 for c in two_ranks["codes"]), two_ranks["stderr"][-4000:]
+    two, one = workdir / f"two-{job}", tmp_path / "one"
     assert main(grpo_args(workdir, one)) == 0
     rows_two, rows_one = (
         [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (two, one)

@@ -23,6 +23,7 @@ from posttrain.common.distributed import (
     barrier,
     broadcast_object,
     check_same_config,
+    is_fsdp,
     load_optimizer_state,
     wrap_model,
 )
@@ -132,6 +133,9 @@ def prepare_run(method: Method, settings: RunSettings, info: DistInfo) -> Run | 
     )
     if method.needs_reference and not settings.lora:
         run.reference = _reference(chain, settings, info, autocast_dtype)
+    for wrapped in (run.module, run.reference):
+        if wrapped is not None and is_fsdp(wrapped):
+            _initialise_fsdp(wrapped, info.device)
     if info.is_main:
         method.log_plan(run)
     if point.checkpoint is not None:
@@ -199,6 +203,18 @@ def _schedule(settings: RunSettings, total_steps: int) -> Any:
     return lr_lambda(
         settings.lr_scheduler, settings.warmup_steps, settings.min_lr_ratio, total_steps
     )
+
+
+def _initialise_fsdp(module: torch.nn.Module, device: torch.device) -> None:
+    """One tiny forward through an FSDP root. FSDP sets its tree up at the root's first
+    forward; generation (RL rollouts, evaluation) calls the layers below the root, which
+    would set themselves up as roots of their own first and make the real root fail."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    training = module.training
+    module.eval()  # no dropout: nothing random is drawn
+    with torch.no_grad():
+        module(ids, torch.ones_like(ids), ids, output="log_probs")
+    module.train(training)
 
 
 def _reference(
