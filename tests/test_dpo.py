@@ -228,9 +228,11 @@ def test_killed_and_resumed_run_matches_and_reuses_the_reference(dpo_dir, tmp_pa
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
 
 
-def test_sigterm_stops_with_a_checkpoint(dpo_dir, tmp_path) -> None:
+def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(dpo_dir, tmp_path) -> None:
+    whole = tmp_path / "whole"
+    train_dpo(dpo_config(dpo_dir, whole, max_steps=60))
     out = tmp_path / "stopped"
-    config = dpo_config(dpo_dir, out, max_steps=400)
+    config = dpo_config(dpo_dir, out, max_steps=60)
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")
     cmd = [sys.executable, "-m", "posttrain", "dpo", "--config", str(cfg_file)]
@@ -239,7 +241,34 @@ def test_sigterm_stops_with_a_checkpoint(dpo_dir, tmp_path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err.decode()[-2000:]
     assert "resume with: posttrain dpo" in err.decode()
-    assert any((out / "checkpoints").iterdir())
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = load_file(whole / "final" / "model.safetensors")
+    got = load_file(out / "final" / "model.safetensors")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_pairs_that_teach_nothing_are_reported_before_training(dpo_dir, tmp_path, caplog):
+    import logging
+
+    rows = [
+        {"prompt": "Reverse: ab ->", "chosen": " ba", "rejected": " ab"},
+        {"prompt": "Reverse: cd ->", "chosen": " dc", "rejected": " dc"},
+        {"prompt": "", "chosen": " x", "rejected": " y"},
+        {"prompt": "Reverse: ef ->", "chosen": "", "rejected": " ef"},
+    ]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config = dpo_config(
+        dpo_dir, tmp_path / "out", train_file=str(tmp_path / "pairs.jsonl"), max_steps=1
+    )
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        train_dpo(config)
+    said = caplog.text
+    assert "1 pair(s) with identical chosen and rejected responses" in said
+    assert "pairs.jsonl:2" in said
+    assert "1 pair(s) with an empty prompt, first" in said and "pairs.jsonl:3" in said
+    assert "1 pair(s) with an empty response, first" in said and "pairs.jsonl:4" in said
 
 
 @pytest.mark.parametrize(
