@@ -125,9 +125,26 @@ SUBPROCESS_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 def sft_command(config: SFTConfig, tmp_path: Path) -> list[str]:
     """The command line that runs `config` through `posttrain sft` in a fresh process."""
+    return command_for("sft", config, tmp_path)
+
+
+def command_for(subcommand: str, config: object, tmp_path: Path) -> list[str]:
+    """The command line that runs a config dataclass through `posttrain SUBCOMMAND` in a
+    fresh process (the config written as YAML)."""
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")  # JSON is YAML
-    return [sys.executable, "-m", "posttrain", "sft", "--config", str(cfg_file)]
+    return [sys.executable, "-m", "posttrain", subcommand, "--config", str(cfg_file)]
+
+
+def assert_same_final_weights(want: Path, got: Path, atol: float) -> None:
+    """The final models of two runs (OUTPUT_DIR/final) agree to `atol`, tensor by tensor."""
+    from safetensors.torch import load_file
+
+    a = load_file(want / "final" / "model.safetensors")
+    b = load_file(got / "final" / "model.safetensors")
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=atol, rtol=0, msg=name)
 
 
 def start_until(

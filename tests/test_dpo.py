@@ -8,17 +8,22 @@ import json
 import math
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import past_checkpoint, reverse_task, start_until, write_jsonl
+from helpers import (
+    assert_same_final_weights,
+    command_for,
+    past_checkpoint,
+    reverse_task,
+    start_until,
+    write_jsonl,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 from posttrain.config.dpo import DPOConfig
 from posttrain.dpo import compute_per_instance_dpo_loss, dpo_loss
@@ -212,9 +217,7 @@ def test_killed_and_resumed_run_matches_and_reuses_the_reference(dpo_dir, tmp_pa
     train_dpo(dpo_config(dpo_dir, whole, max_steps=12, save_every=2))
     out = tmp_path / "killed"
     config = dpo_config(dpo_dir, out, max_steps=12, save_every=2)
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")
-    cmd = [sys.executable, "-m", "posttrain", "dpo", "--config", str(cfg_file)]
+    cmd = command_for("dpo", config, tmp_path)
     proc = start_until(cmd, lambda: past_checkpoint(out, "step-000004"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -222,10 +225,7 @@ def test_killed_and_resumed_run_matches_and_reuses_the_reference(dpo_dir, tmp_pa
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "reference_logps.pt").stat().st_mtime_ns == stamp  # reused, not redone
-    want = load_file(whole / "final" / "model.safetensors")
-    got = load_file(out / "final" / "model.safetensors")
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+    assert_same_final_weights(whole, out, atol=1e-6)
 
 
 def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(dpo_dir, tmp_path) -> None:
@@ -233,9 +233,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(dpo_dir, tmp_path) 
     train_dpo(dpo_config(dpo_dir, whole, max_steps=60))
     out = tmp_path / "stopped"
     config = dpo_config(dpo_dir, out, max_steps=60)
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")
-    cmd = [sys.executable, "-m", "posttrain", "dpo", "--config", str(cfg_file)]
+    cmd = command_for("dpo", config, tmp_path)
     proc = start_until(cmd, lambda: (out / "metrics.jsonl").exists())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -243,10 +241,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(dpo_dir, tmp_path) 
     assert "resume with: posttrain dpo" in err.decode()
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    want = load_file(whole / "final" / "model.safetensors")
-    got = load_file(out / "final" / "model.safetensors")
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+    assert_same_final_weights(whole, out, atol=1e-6)
 
 
 def test_pairs_that_teach_nothing_are_reported_before_training(dpo_dir, tmp_path, caplog):

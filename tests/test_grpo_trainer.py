@@ -6,13 +6,19 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import past_checkpoint, reverse_task, start_until, write_jsonl
+from helpers import (
+    assert_same_final_weights,
+    command_for,
+    past_checkpoint,
+    reverse_task,
+    start_until,
+    write_jsonl,
+)
 
 from posttrain.config.grpo import GRPOConfig
 from posttrain.grpo.train import train_grpo
@@ -196,37 +202,28 @@ def test_a_failing_reward_names_the_question_and_keeps_the_last_step(rl_dir, tmp
 
 
 def test_killed_and_resumed_run_matches_the_uninterrupted_one(rl_dir, tmp_path) -> None:
-    from safetensors.torch import load_file
 
     whole = tmp_path / "whole"
     train_grpo(grpo_config(rl_dir, whole, max_steps=6, save_every=2, beta=0.04))
     out = tmp_path / "killed"
     config = grpo_config(rl_dir, out, max_steps=6, save_every=2, beta=0.04)
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")
-    cmd = [sys.executable, "-m", "posttrain", "grpo", "--config", str(cfg_file)]
+    cmd = command_for("grpo", config, tmp_path)
     proc = start_until(cmd, lambda: past_checkpoint(out, "step-000002"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    want = load_file(whole / "final" / "model.safetensors")
-    got = load_file(out / "final" / "model.safetensors")
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=name)
+    assert_same_final_weights(whole, out, atol=1e-5)
     assert [r["step"] for r in metrics(out)] == list(range(1, 7))
 
 
 def test_sigterm_checkpoints_and_resumes_exactly(rl_dir, tmp_path) -> None:
-    from safetensors.torch import load_file
 
     whole = tmp_path / "whole"
     train_grpo(grpo_config(rl_dir, whole, max_steps=5))
     out = tmp_path / "stopped"
     config = grpo_config(rl_dir, out, max_steps=5)
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(json.dumps(config.__dict__), encoding="utf-8")
-    cmd = [sys.executable, "-m", "posttrain", "grpo", "--config", str(cfg_file)]
+    cmd = command_for("grpo", config, tmp_path)
     proc = start_until(cmd, lambda: (out / "metrics.jsonl").exists())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -234,10 +231,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(rl_dir, tmp_path) -> None:
     assert "resume with: posttrain grpo" in err.decode()
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    want = load_file(whole / "final" / "model.safetensors")
-    got = load_file(out / "final" / "model.safetensors")
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=name)
+    assert_same_final_weights(whole, out, atol=1e-5)
 
 
 def test_rollouts_do_not_depend_on_how_chunks_are_shared_out(rl_dir, tmp_path) -> None:

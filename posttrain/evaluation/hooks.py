@@ -12,6 +12,7 @@ samples go to OUTPUT_DIR/generations/step_NNNNNN.jsonl.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from posttrain.evaluation.answers import evaluate_answers, load_eval_data, write
 from posttrain.evaluation.held_out_loss import evaluate_loss
 from posttrain.generation.prompts import build_prompts
 from posttrain.rewards import RewardFn, get_reward_fn
+
+logger = logging.getLogger("posttrain")
 
 GENERATIONS_DIR = "generations"
 
@@ -187,3 +190,41 @@ class GenerationEvalHook:
             run.autocast_dtype,
             status,
         )
+
+
+def generation_eval_hook(
+    path: str,
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    prompt_field: str | None,
+    answer_field: str | None,
+    limit: int | None,
+    template: str | None,
+    reward: str,
+    max_new_tokens: int,
+    every: int,
+    announce: bool,
+) -> GenerationEvalHook:
+    """The generation evaluation of a training run, prepared before the first step (every
+    input error surfaces now) and, with `announce`, said in the log."""
+    spec = prepare_generation_eval(
+        path,
+        tokenizer,
+        prompt_field=prompt_field,
+        answer_field=answer_field,
+        limit=limit,
+        template=template,
+        reward=reward,
+        max_new_tokens=max_new_tokens,
+        out_dir=out_dir,
+    )
+    if announce:
+        logger.info(
+            "generation evaluation: greedy answers to %d prompts of %s scored with %r, %s",
+            len(spec.prompts),
+            path,
+            reward,
+            f"every {every} steps and at the end" if every else "at the end",
+        )
+    return GenerationEvalHook(spec, every)

@@ -16,7 +16,7 @@ from posttrain.config.grpo import GRPOConfig, check_world_size
 from posttrain.engine.method import Hook, Method
 from posttrain.engine.resume import data_fingerprint
 from posttrain.engine.run import Run, StopBeforeStep
-from posttrain.evaluation.hooks import GenerationEvalHook, prepare_generation_eval
+from posttrain.evaluation.hooks import generation_eval_hook
 from posttrain.rewards import get_reward_fn
 from posttrain.rollouts.questions import Questions, load_questions
 from posttrain.rollouts.sampling import (
@@ -30,6 +30,23 @@ from posttrain.rollouts.sampling import (
 logger = logging.getLogger("posttrain")
 
 ROLLOUTS_DIR = "rollouts"
+# Settings of the questions and the sampling whose change on resume makes a rollout
+# method's run differ from an uninterrupted one.
+ROLLOUT_BREAKS_EXACT_RESUME = (
+    "train_file",
+    "reward",
+    "prompt_field",
+    "answer_field",
+    "prompt_template",
+    "chat",
+    "rollout_batch_size",
+    "group_size",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "generation_batch_size",
+    "train_batch_size",
+)
 
 
 class RolloutMethod(Method):
@@ -112,24 +129,17 @@ class RolloutMethod(Method):
         c = self.config
         if c.eval_generate_file is None:
             return []
-        spec = prepare_generation_eval(
+        hook = generation_eval_hook(
             c.eval_generate_file,
             run.tokenizer,
+            run.out,
             prompt_field=c.eval_prompt_field,
             answer_field=c.eval_answer_field,
             limit=c.eval_generate_limit,
             template=c.eval_prompt_template or c.prompt_template,
             reward=c.reward or "",
             max_new_tokens=c.eval_max_new_tokens,
-            out_dir=run.out,
+            every=c.eval_generate_every,
+            announce=run.info.is_main,
         )
-        if run.info.is_main:
-            logger.info(
-                "generation evaluation: greedy answers to %d prompts of %s, %s",
-                len(spec.prompts),
-                c.eval_generate_file,
-                f"every {c.eval_generate_every} steps and at the end"
-                if c.eval_generate_every
-                else "at the end",
-            )
-        return [GenerationEvalHook(spec, c.eval_generate_every)]
+        return [hook]

@@ -19,7 +19,7 @@ from torch import Tensor
 from posttrain.common.jsonl import write_jsonl
 from posttrain.config.grpo import ExpertIterationConfig
 from posttrain.engine.run import Run
-from posttrain.grpo.base import RolloutMethod
+from posttrain.grpo.base import ROLLOUT_BREAKS_EXACT_RESUME, RolloutMethod
 from posttrain.losses.nll import token_weighted_nll_objective
 from posttrain.losses.policy_gradient import micro_batches
 from posttrain.rollouts.sampling import Rollout, rollout_rows, rollout_statistics
@@ -29,22 +29,7 @@ logger = logging.getLogger("posttrain")
 KEPT_DIR = "kept"
 CORRECT_AT = 1.0
 # Settings whose change on resume makes the run differ from an uninterrupted one.
-EI_BREAKS_EXACT_RESUME = (
-    "train_file",
-    "reward",
-    "prompt_field",
-    "answer_field",
-    "prompt_template",
-    "chat",
-    "rollout_batch_size",
-    "group_size",
-    "temperature",
-    "top_p",
-    "max_new_tokens",
-    "generation_batch_size",
-    "train_batch_size",
-    "sft_epochs",
-)
+EI_BREAKS_EXACT_RESUME = (*ROLLOUT_BREAKS_EXACT_RESUME, "sft_epochs")
 
 
 def keep_correct(rollouts: Sequence[Rollout]) -> list[Rollout]:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from posttrain.config.grpo import GRPOConfig
 from posttrain.engine.run import Run
-from posttrain.grpo.base import RolloutMethod
+from posttrain.grpo.base import ROLLOUT_BREAKS_EXACT_RESUME, RolloutMethod
 from posttrain.losses.policy_gradient import (
     Loss,
     micro_batches,
@@ -35,19 +35,7 @@ logger = logging.getLogger("posttrain")
 
 # GRPO settings whose change on resume makes the run differ from an uninterrupted one.
 GRPO_BREAKS_EXACT_RESUME = (
-    "train_file",
-    "reward",
-    "prompt_field",
-    "answer_field",
-    "prompt_template",
-    "chat",
-    "rollout_batch_size",
-    "group_size",
-    "temperature",
-    "top_p",
-    "max_new_tokens",
-    "generation_batch_size",
-    "train_batch_size",
+    *ROLLOUT_BREAKS_EXACT_RESUME,
     "epochs_per_rollout_batch",
     "loss_type",
     "std_normalization",

@@ -12,7 +12,7 @@ from posttrain.common.distributed import DistInfo
 from posttrain.config import SFTConfig, config_to_dict
 from posttrain.engine.method import Hook, Method
 from posttrain.engine.run import Run
-from posttrain.evaluation.hooks import GenerationEvalHook, LossEvalHook, prepare_generation_eval
+from posttrain.evaluation.hooks import LossEvalHook, generation_eval_hook
 from posttrain.losses.nll import nll_objective, step_denominator
 from posttrain.primitives import pad_token_id_of
 from posttrain.sft.data import (
@@ -132,27 +132,21 @@ class SFT(Method):
         if self.eval_examples:
             hooks.append(LossEvalHook(self.eval_examples, c.micro_batch_size, c.eval_every))
         if c.eval_generate_file is not None and c.reward is not None:
-            spec = prepare_generation_eval(
-                c.eval_generate_file,
-                run.tokenizer,
-                # None: the rule every command follows (question from prompt, else
-                # question; gold from answer, else response, else completion).
-                prompt_field=c.eval_prompt_field,
-                answer_field=c.eval_answer_field,
-                limit=c.eval_generate_limit,
-                template=c.eval_prompt_template,
-                reward=c.reward,
-                max_new_tokens=c.eval_max_new_tokens,
-                out_dir=run.out,
-            )
-            if run.info.is_main:
-                every = c.eval_generate_every
-                logger.info(
-                    "generation evaluation: greedy answers to %d prompts of %s scored with %r, %s",
-                    len(spec.prompts),
+            hooks.append(
+                generation_eval_hook(
                     c.eval_generate_file,
-                    c.reward,
-                    f"every {every} steps and at the end" if every else "at the end",
+                    run.tokenizer,
+                    run.out,
+                    # None: the rule every command follows (question from prompt, else
+                    # question; gold from answer, else response, else completion).
+                    prompt_field=c.eval_prompt_field,
+                    answer_field=c.eval_answer_field,
+                    limit=c.eval_generate_limit,
+                    template=c.eval_prompt_template,
+                    reward=c.reward,
+                    max_new_tokens=c.eval_max_new_tokens,
+                    every=c.eval_generate_every,
+                    announce=run.info.is_main,
                 )
-            hooks.append(GenerationEvalHook(spec, c.eval_generate_every))
+            )
         return hooks
