@@ -50,6 +50,7 @@ def grpo_config_for(
     """The `posttrain grpo` settings of the demo's RL run, from the SFT model `start_model`
     on the demo's training words, into DIR/rl."""
     rollouts = settings.questions_per_step * settings.group_size
+    train_batch = rollouts // settings.updates_per_step
     return GRPOConfig(
         model=str(start_model),
         train_file=str(output_dir / TRAIN_FILE),
@@ -64,11 +65,11 @@ def grpo_config_for(
         max_grad_norm=1.0,
         seed=settings.seed,
         precision="auto",
-        # On-policy: one rollout batch, sampled in one generate call, is one optimizer step.
+        # One generate call samples the whole rollout batch (the fastest on a CPU).
         rollout_batch_size=rollouts,
         generation_batch_size=rollouts,
-        train_batch_size=rollouts,
-        micro_batch_size=min(settings.micro_batch_size, rollouts),
+        train_batch_size=train_batch,
+        micro_batch_size=min(settings.micro_batch_size, train_batch),
         group_size=settings.group_size,
         temperature=settings.temperature,
         # Room for the longest answer (8 letters) and its EOS.
