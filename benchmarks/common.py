@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the vocabulary-heavy benchmark model, the load
-average they report, and the kernel's resident-memory counters they measure with.
+average they report, the kernel's resident-memory counters they measure with, and the
+separate TRL environment the comparisons with TRL run in.
 
 Each script runs as `python benchmarks/NAME.py`, so this directory is on `sys.path`
 and `import common` finds this file.
@@ -8,7 +9,16 @@ and `import common` finds this file.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
+
+# TRL runs in its own virtual environment, never a dependency of posttrain.
+DEFAULT_TRL_VENV = Path(tempfile.gettempdir()) / "posttrain-bench-trl-venv"
+TRL_SPEC = "trl==1.16.0"
+TORCH_SPEC = "torch==2.13.0"  # the CPU build this machine's wheels hold; others pull CUDA
 
 
 def vocab_case_model(max_position_embeddings: int = 2048, seed: int = 0) -> Any:
@@ -58,3 +68,21 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def ensure_trl_venv(venv: Path) -> Path:
+    """The Python of a virtual environment with TRL; created and installed if missing."""
+    import transformers
+
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import trl, transformers, torch, datasets"]
+    if python.is_file() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    print(f"installing TRL into {venv} (a few minutes, once)", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    # The same transformers as posttrain's environment: both sides load, tokenize and
+    # generate with it.
+    packages = [TORCH_SPEC, TRL_SPEC, f"transformers=={transformers.__version__}", "datasets"]
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+    subprocess.run(probe, check=True)
+    return python

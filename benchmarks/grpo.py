@@ -51,13 +51,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import load_average, vocab_case_model
+from common import DEFAULT_TRL_VENV, ensure_trl_venv, load_average, vocab_case_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k_512.jsonl"
-DEFAULT_TRL_VENV = Path(tempfile.gettempdir()) / "posttrain-bench-trl-venv"
-TRL_SPEC = "trl==1.16.0"
-TORCH_SPEC = "torch==2.13.0"  # the CPU build this machine's wheels hold; others pull CUDA
 MAX_POSITIONS = 512  # every GSM8K prompt + 64 new tokens fits
 LR = 1e-5
 SEED = 0
@@ -91,23 +88,6 @@ def prepare(workdir: Path, data: Path, questions: int) -> None:
     if not (model_dir / "config.json").is_file():
         vocab_case_model(MAX_POSITIONS, seed=SEED).save_pretrained(model_dir)
         build_qwen_tokenizer().save_pretrained(model_dir)
-
-
-def ensure_trl_venv(venv: Path) -> Path:
-    """The Python of a virtual environment with TRL; created and installed if missing."""
-    import transformers
-
-    python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import trl, transformers, torch, datasets"]
-    if python.is_file() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    print(f"installing TRL into {venv} (a few minutes, once)", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    # The same transformers as posttrain's environment: both sides generate with it.
-    packages = [TORCH_SPEC, TRL_SPEC, f"transformers=={transformers.__version__}", "datasets"]
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
-    subprocess.run(probe, check=True)
-    return python
 
 
 # --------------------------------------------------------------------------- the runs
