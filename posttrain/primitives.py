@@ -243,6 +243,7 @@ def lean_response_log_probs(
     return_token_entropy: bool = False,
     chunk_size: int | None = None,
     budget_bytes: int | None = None,
+    positions: Tensor | None = None,
 ) -> dict[str, Tensor] | None:
     """`get_response_log_probs` without materialising the (batch, seq, vocab) logits.
 
@@ -250,11 +251,15 @@ def lean_response_log_probs(
     predicted at position t) and each in [0, vocab). Returns {"log_probs": (B, T)
     float32} plus "token_entropy": (B, T) float32 when asked, or None when the model's
     head is not one `find_linear_head` supports (the caller then uses full logits).
+    `positions`: optional (B, T) bool; only those positions go through the head (the
+    response, say: the prompt's rows cost nothing there) and the others read 0.
     """
     head = find_linear_head(model)
     if head is None:
         return None
     hidden = body_hidden_states(model, input_ids, attention_mask)
+    if positions is not None:
+        hidden, labels = hidden[positions], labels[positions]
     log_probs, entropy = chunked_log_probs(
         hidden,
         head.weight,
@@ -269,6 +274,8 @@ def lean_response_log_probs(
     out = {"log_probs": log_probs}
     if entropy is not None:
         out["token_entropy"] = entropy
+    if positions is not None:
+        out = {k: v.new_zeros(positions.shape).masked_scatter(positions, v) for k, v in out.items()}
     return out
 
 

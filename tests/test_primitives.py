@@ -624,3 +624,32 @@ def test_rollout_batch_errors_name_the_problem() -> None:
     # 1-D tensors are rows too.
     batch = build_rollout_batch([torch.tensor([5, 6])], [torch.tensor([7, 2])], 0)
     assert batch["labels"].tolist() == [[6, 7, 2]]
+
+
+def test_lean_log_probs_at_chosen_positions_equal_the_full_pass(tiny_llama) -> None:
+    """`positions` sends only those rows through the head (the response, say): the same
+    log-probs and gradients there, 0 elsewhere."""
+    from posttrain.primitives import lean_response_log_probs
+
+    ids = torch.randint(
+        3, tiny_llama.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0)
+    )
+    labels = torch.roll(ids, -1, dims=1)
+    positions = torch.zeros_like(ids, dtype=torch.bool)
+    positions[0, 4:] = positions[1, 1:3] = positions[2, 8] = True
+    full = lean_response_log_probs(tiny_llama, ids, labels, return_token_entropy=True)
+    some = lean_response_log_probs(
+        tiny_llama, ids, labels, return_token_entropy=True, positions=positions
+    )
+    for key in ("log_probs", "token_entropy"):
+        torch.testing.assert_close(some[key][positions], full[key][positions])
+        assert (some[key][~positions] == 0).all()
+    weights = torch.rand(ids.shape)
+    tiny_llama.zero_grad()
+    (full["log_probs"] * weights * positions).sum().backward()
+    want = {n: p.grad.clone() for n, p in tiny_llama.named_parameters()}
+    tiny_llama.zero_grad()
+    (some["log_probs"] * weights).sum().backward()
+    for name, param in tiny_llama.named_parameters():
+        torch.testing.assert_close(param.grad, want[name], atol=1e-6, rtol=1e-5, msg=name)
+    tiny_llama.zero_grad()

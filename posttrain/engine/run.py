@@ -141,6 +141,8 @@ class Run:
     def _score(
         self, module: nn.Module, batch: dict[str, Tensor], with_entropy: bool
     ) -> dict[str, Tensor]:
+        # Only the response's positions go through the head (where the batch says).
+        positions = batch["response_mask"] > 0 if "response_mask" in batch else None
         with autocast(self.info.device, self.autocast_dtype):
             return module(
                 batch["input_ids"],
@@ -148,4 +150,5 @@ class Run:
                 batch["labels"],
                 output="log_probs",
                 with_entropy=with_entropy,
+                positions=positions,
             )

@@ -119,7 +119,11 @@ def dpo_objective(loss: DPOLoss, pairs_in_step: int) -> Objective:
 
     def objective(module: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
         out = module(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], output="log_probs"
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            output="log_probs",
+            positions=batch["response_mask"] > 0,
         )
         mask = batch["response_mask"]
         logps = (out["log_probs"] * mask).sum(-1)

@@ -64,7 +64,11 @@ def token_weighted_nll_objective() -> Objective:
 
     def objective(module: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
         out = module(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], output="log_probs"
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            output="log_probs",
+            positions=batch["response_mask"] > 0,
         )
         weights = batch["token_weights"]
         return -(out["log_probs"] * weights).sum(), {"num_response_tokens": (weights > 0).sum()}

@@ -92,7 +92,11 @@ def policy_gradient_objective(loss: Loss) -> Objective:
 
     def objective(module: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
         out = module(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], output="log_probs"
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            output="log_probs",
+            positions=batch["response_mask"] > 0,
         )
         log_probs = out["log_probs"]
         per_token, meta = compute_policy_gradient_loss(

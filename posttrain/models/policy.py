@@ -62,16 +62,18 @@ class PolicyModule(nn.Module):
         *,
         output: Literal["loss", "log_probs"] = "loss",
         with_entropy: bool = False,
+        positions: Tensor | None = None,
     ) -> FusedNLL | dict[str, Tensor]:
         """input_ids, attention_mask, labels: (batch, seq) int64.
 
         output "loss": sum_i w_i * -log p(label_i) over positions with a non-zero weight;
         weights (batch, seq) float32, zero off the response. Returns a `FusedNLL`.
         output "log_probs": {"log_probs": (batch, seq) float32} of every label, plus
-        "token_entropy" (batch, seq) float32 with `with_entropy`; differentiable.
+        "token_entropy" (batch, seq) float32 with `with_entropy`; differentiable. With
+        `positions` (batch, seq) bool, only those go through the head; the rest read 0.
         """
         if output == "log_probs":
-            return self._log_probs(input_ids, attention_mask, labels, with_entropy)
+            return self._log_probs(input_ids, attention_mask, labels, with_entropy, positions)
         if output != "loss" or weights is None:
             raise ValueError(f"output must be 'loss' (with weights) or 'log_probs', got {output!r}")
         positions = weights != 0
@@ -107,7 +109,12 @@ class PolicyModule(nn.Module):
         self.workspace.release()
 
     def _log_probs(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, with_entropy: bool
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        with_entropy: bool,
+        positions: Tensor | None,
     ) -> dict[str, Tensor]:
         out = lean_response_log_probs(
             self.model,
@@ -116,6 +123,7 @@ class PolicyModule(nn.Module):
             attention_mask=attention_mask,
             return_token_entropy=with_entropy,
             chunk_size=self.chunk_size,
+            positions=positions,
         )
         if out is not None:
             return out
@@ -127,6 +135,8 @@ class PolicyModule(nn.Module):
             return_token_entropy=with_entropy,
         )
         full.pop("is_argmax")
+        if positions is not None:
+            full = {k: v * positions for k, v in full.items()}
         return full
 
     def _full_logits_loss(
