@@ -33,6 +33,7 @@ class DPOConfig(TrainConfig):
     )
     append_eos: bool = _f(True, "append the EOS token after each response")
     # --- batch
+    group_by_length: bool = _f(True, "batch pairs of similar length to reduce padding")
     micro_batch_size: int = _f(4, "pairs per forward/backward pass (per device)")
     grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
     epochs: float = _f(1.0, "passes over the pairs when max_steps is not set")

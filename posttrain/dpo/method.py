@@ -45,6 +45,7 @@ DPO_BREAKS_EXACT_RESUME = (
     "max_seq_len",
     "truncation",
     "append_eos",
+    "group_by_length",
     "beta",
     "loss_type",
     "label_smoothing",
@@ -126,6 +127,7 @@ class DPO(Method):
                 info.world_size,
                 c.seed,
                 epoch,
+                c.group_by_length,
             )
         return self.plans[epoch]
 
