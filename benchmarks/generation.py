@@ -115,7 +115,7 @@ def hf_sampled(
     """The engine's previous sampling path: one left-padded `model.generate(do_sample=True)`
     call for every prompt x `n`, the entropy recorded per step; generated ids cut after EOS,
     (len(prompts) * n) rows."""
-    from posttrain.generation.decode import _EntropyRecorder
+    from posttrain.generation.sampling import EntropyRecorder as _EntropyRecorder
 
     eos = tokenizer.eos_token_id
     encoded = [tokenizer(p)["input_ids"] for p in prompts]

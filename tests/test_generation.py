@@ -9,14 +9,8 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from posttrain.generation.decode import (
-    Sample,
-    generate,
-    greedy_generate,
-    inverse_cdf_sample,
-    logits_entropy,
-    sample_next_tokens,
-)
+from posttrain.generation.decode import Sample, generate, greedy_generate
+from posttrain.generation.sampling import inverse_cdf_sample, logits_entropy, sample_next_tokens
 from posttrain.models.tiny import tiny_causal_lm
 
 # Mixed lengths, so every batch of more than one prompt is left-padded.
