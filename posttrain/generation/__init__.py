@@ -1,5 +1,6 @@
 """Generation: batched decoding with the KV cache (`decode`), the logits processors that
-sample and record entropy (`sampling`), and prompt templates (`prompts`). `from posttrain.generation import generate` is the public entry point."""
+sample and record entropy (`sampling`), and prompt templates (`prompts`).
+`from posttrain.generation import generate` is the public entry point."""
 
 from posttrain.generation.decode import (
     FINISH_REASONS,
