@@ -86,3 +86,31 @@ def ensure_trl_venv(venv: Path) -> Path:
     subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
     subprocess.run(probe, check=True)
     return python
+
+
+def run_timed_child(cmd: list[str], env: dict[str, str], label: str) -> tuple[dict, float, float]:
+    """Run `cmd` as a child process; return (the JSON object of its last stdout line, its
+    wall seconds from launch to exit, its own peak RSS in MB). A failure prints the tail
+    of its stderr and exits naming `label`."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over
+        # every child so far).
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if code != 0:
+        sys.stderr.write(stderr[-6000:])
+        raise SystemExit(f"{label} failed with exit code {code}")
+    return json.loads(stdout.strip().splitlines()[-1]), wall, usage.ru_maxrss / 1024

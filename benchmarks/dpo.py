@@ -49,14 +49,19 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_TRL_VENV, ensure_trl_venv, load_average, vocab_case_model
+from common import (
+    DEFAULT_TRL_VENV,
+    ensure_trl_venv,
+    load_average,
+    run_timed_child,
+    vocab_case_model,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k_512.jsonl"
@@ -288,21 +293,7 @@ def launch(args: argparse.Namespace, run: str, python: str) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     if path:
         env["PYTHONPATH"] = path
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over
-        # every child so far).
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        code = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(), err.read().decode()
-    if code != 0:
-        sys.stderr.write(stderr[-6000:])
-        raise SystemExit(f"{run} failed with exit code {code}")
-    inner = json.loads(stdout.strip().splitlines()[-1])
+    inner, wall, peak_mb = run_timed_child(cmd, env, run)
     if len(inner["steps"]) != args.steps:
         raise SystemExit(f"{run} logged {len(inner['steps'])} steps, not {args.steps}")
     pairs = args.steps * MICRO_BATCH * GRAD_ACCUM
@@ -310,7 +301,7 @@ def launch(args: argparse.Namespace, run: str, python: str) -> dict[str, Any]:
         "run": run,
         "pairs_per_s": round(pairs / wall, 3),
         "wall_s": round(wall, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_mb, 1),
         **inner,
     }
 

@@ -44,14 +44,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_TRL_VENV, ensure_trl_venv, load_average, vocab_case_model
+from common import (
+    DEFAULT_TRL_VENV,
+    ensure_trl_venv,
+    load_average,
+    run_timed_child,
+    vocab_case_model,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k_512.jsonl"
@@ -250,21 +255,7 @@ def launch(args: argparse.Namespace, run: str, beta: float, python: str) -> dict
     # The TRL side imports posttrain's reward from the source tree, nothing else of it.
     path = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args.threads)}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over
-        # every child so far).
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        code = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(), err.read().decode()
-    if code != 0:
-        sys.stderr.write(stderr[-6000:])
-        raise SystemExit(f"{run} (beta {beta}) failed with exit code {code}")
-    inner = json.loads(stdout.strip().splitlines()[-1])
+    inner, wall, peak_mb = run_timed_child(cmd, env, f"{run} (beta {beta})")
     steps = inner.pop("steps")
     if len(steps) != args.steps:
         raise SystemExit(f"{run} (beta {beta}) logged {len(steps)} steps, not {args.steps}")
@@ -281,7 +272,7 @@ def launch(args: argparse.Namespace, run: str, beta: float, python: str) -> dict
         "steps_per_s": round(1 / statistics.mean(s["step_s"] for s in steps), 4),
         "step_s_each": [round(s["step_s"], 2) for s in steps],
         "wall_s": round(wall, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_mb, 1),
         **inner,
     }
 

@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +53,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import load_average, vocab_case_model
+from common import load_average, run_timed_child, vocab_case_model
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,22 +300,8 @@ def launch(args: argparse.Namespace, case: str, run: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--run", run, "--case", case]
     cmd += ["--workdir", str(args.workdir), "--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over
-        # every child so far).
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(), err.read().decode()
-    if proc.returncode != 0:
-        sys.stderr.write(stderr)
-        raise SystemExit(f"{case}/{run} failed with exit code {proc.returncode}")
-    inner = json.loads(stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, **inner}
+    inner, wall, peak_mb = run_timed_child(cmd, env, f"{case}/{run}")
+    return {"wall_s": wall, "peak_rss_mb": peak_mb, **inner}
 
 
 def main() -> None:
