@@ -122,6 +122,15 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any] | None:
     return gathered
 
 
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `obj` (a small picklable value), in rank order, on every rank."""
+    if not info.is_distributed:
+        return [obj]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def config_differences(reference: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
     """`name: a != b` for each setting that differs between two config dicts."""
     names = list(reference) + [k for k in other if k not in reference]

@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 
 from posttrain.common.devices import to_device
-from posttrain.common.distributed import DistInfo, broadcast_object, gather_objects
+from posttrain.common.distributed import DistInfo, all_gather_objects
 from posttrain.common.sums import Sums
 from posttrain.config.dpo import DPOConfig
 from posttrain.data.batching import EpochPlan, collate, plan_batches, rank_micro_batches
 from posttrain.data.pairs import PairFormat, PreferencePair, load_pairs
 from posttrain.engine.method import Hook, Method
-from posttrain.engine.resume import data_fingerprint
+from posttrain.engine.resume import data_fingerprint, global_batch_change
 from posttrain.engine.run import Run
 from posttrain.losses.dpo import DPOLoss, dpo_metrics, dpo_objective
 
@@ -161,10 +161,10 @@ class DPO(Method):
     def resume_problems(
         self, saved_config: Mapping[str, Any], saved_state: Mapping[str, Any], world_size: int
     ) -> list[str]:
-        saved_world = saved_state.get("world_size", 1)
-        saved = saved_config["micro_batch_size"] * saved_config["grad_accum_steps"] * saved_world
-        batch = self.config.micro_batch_size * self.config.grad_accum_steps * world_size
-        return [f"the global batch ({saved} -> {batch} pairs per step)"] if saved != batch else []
+        c = self.config
+        return global_batch_change(
+            saved_config, saved_state, c.micro_batch_size, c.grad_accum_steps, world_size, "pairs"
+        )
 
     def setup(self, run: Run) -> None:
         if self.config.lora_r:
@@ -214,6 +214,20 @@ class DPO(Method):
         return [DPOEvalHook(self, self.config.eval_every)]
 
 
+def rank_chunks(count: int, size: int, info: DistInfo) -> list[tuple[int, list[int], bool]]:
+    """This rank's share of `count` items cut into chunks of `size`: (chunk index, item
+    indices, real). Chunk c goes to rank c mod W; every rank gets as many chunks (FSDP
+    gathers in each forward), a rank past the end repeating chunk 0 with real False."""
+    chunks = [list(range(i, min(i + size, count))) for i in range(0, count, size)]
+    rounds = math.ceil(len(chunks) / info.world_size)
+    mine = []
+    for r in range(rounds):
+        index = r * info.world_size + info.rank
+        real = index < len(chunks)
+        mine.append((index, chunks[index] if real else chunks[0], real))
+    return mine
+
+
 @dataclass
 class DPOEvalHook:
     """The training metrics on the held-out pairs, with an `eval_` prefix."""
@@ -225,19 +239,13 @@ class DPOEvalHook:
         method, info = self.method, run.info
         pairs = method.eval_pairs
         size = method.config.micro_batch_size
-        chunks = [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)]
-        rounds = math.ceil(len(chunks) / info.world_size)
         objective = dpo_objective(method.loss, len(pairs))
         sums = Sums()
         run.module.eval()
         with torch.no_grad():
-            for r in range(rounds):
-                index = r * info.world_size + info.rank
-                # Every rank runs as many forwards (FSDP gathers in each); a rank past the
-                # end repeats the first chunk at weight 0.
-                ids = chunks[index] if index < len(chunks) else chunks[0]
+            for r, (_, ids, real) in enumerate(rank_chunks(len(pairs), size, info)):
                 batch = method._batch(run, ids, offset=len(method.pairs))
-                if index >= len(chunks):
+                if not real:  # a repeat that keeps the ranks' forwards in step: weight 0
                     batch["pair_weights"] = torch.zeros_like(batch["pair_weights"])
                 loss, statistics = objective(run.module, batch)
                 sums.add({"loss": loss, **statistics})
@@ -285,27 +293,20 @@ def score_pairs(run: Run, pairs: Sequence[PreferencePair], size: int) -> Referen
     """Every pair's summed response log-probs under the current (starting) weights, lean,
     split over the ranks and gathered. Every rank must call this."""
     info = run.info
-    chunks = [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)]
-    rounds = math.ceil(len(chunks) / info.world_size)
-    mine: dict[int, tuple[list[float], list[float]]] = {}
+    mine: list[tuple[list[int], list[float], list[float]]] = []
     run.module.eval()
-    for r in range(rounds):
-        index = r * info.world_size + info.rank
-        ids = chunks[index] if index < len(chunks) else chunks[0]
+    for _, ids, real in rank_chunks(len(pairs), size, info):
         batch = to_device(pair_batch([pairs[i] for i in ids], run.pad_id), info.device)
         mask = batch["response_mask"]
         sums = (run.log_probs(batch)["log_probs"] * mask).sum(-1).double().cpu()
-        if index < len(chunks):
-            mine[index] = (sums.tolist(), mask.sum(-1).double().cpu().tolist())
+        if real:
+            mine.append((ids, sums.tolist(), mask.sum(-1).double().cpu().tolist()))
     run.module.train()
-    gathered = gather_objects(mine, info)
-    merged = {k: v for part in gathered or [] for k, v in part.items()} if info.is_main else None
-    every = broadcast_object(merged, info)
     logps = torch.zeros(len(pairs), 2, dtype=torch.float64)
     tokens = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    for index, ids in enumerate(chunks):
-        values, counts = every[index]
-        half = len(ids)
-        logps[ids] = torch.tensor([values[:half], values[half:]], dtype=torch.float64).T
-        tokens[ids] = torch.tensor([counts[:half], counts[half:]], dtype=torch.float64).T
+    for part in all_gather_objects(mine, info):
+        for ids, values, counts in part:
+            half = len(ids)
+            logps[ids] = torch.tensor([values[:half], values[half:]], dtype=torch.float64).T
+            tokens[ids] = torch.tensor([counts[:half], counts[half:]], dtype=torch.float64).T
     return ReferenceScores(logps, tokens)

@@ -143,6 +143,23 @@ def check_resume_settings(
         )
 
 
+def global_batch_change(
+    saved_config: Mapping[str, Any],
+    saved_state: Mapping[str, Any],
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    unit: str,
+) -> list[str]:
+    """The global batch (micro x accumulation x ranks) as a resume problem when it differs
+    from the checkpoint's, or []: a run checkpointed on N ranks resumes exactly on M with
+    the micro-batch scaled to match. `unit` names what a batch counts ("examples")."""
+    saved_world = saved_state.get("world_size", 1)
+    saved = saved_config["micro_batch_size"] * saved_config["grad_accum_steps"] * saved_world
+    batch = micro_batch_size * grad_accum_steps * world_size
+    return [f"the global batch ({saved} -> {batch} {unit} per step)"] if saved != batch else []
+
+
 def lora_mismatch(
     checkpoint: Path, saved: Mapping[str, Any], current: Mapping[str, Any]
 ) -> str | None:

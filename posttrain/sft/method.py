@@ -11,6 +11,7 @@ from typing import Any
 from posttrain.common.distributed import DistInfo
 from posttrain.config import SFTConfig, config_to_dict
 from posttrain.engine.method import Hook, Method
+from posttrain.engine.resume import global_batch_change
 from posttrain.engine.run import Run
 from posttrain.evaluation.hooks import LossEvalHook, generation_eval_hook
 from posttrain.losses.nll import nll_objective, step_denominator
@@ -93,13 +94,15 @@ class SFT(Method):
     def resume_problems(
         self, saved_config: Mapping[str, Any], saved_state: Mapping[str, Any], world_size: int
     ) -> list[str]:
-        saved_world = saved_state.get("world_size", 1)
-        saved = saved_config["micro_batch_size"] * saved_config["grad_accum_steps"] * saved_world
         c = self.config
-        batch = c.micro_batch_size * c.grad_accum_steps * world_size
-        if saved != batch:
-            return [f"the global batch ({saved} -> {batch} examples per step)"]
-        return []
+        return global_batch_change(
+            saved_config,
+            saved_state,
+            c.micro_batch_size,
+            c.grad_accum_steps,
+            world_size,
+            "examples",
+        )
 
     def state_dict(self) -> dict[str, Any]:
         # Informational: the data position follows from the step and the seed alone.
