@@ -49,6 +49,15 @@ ROLLOUT_BREAKS_EXACT_RESUME = (
 )
 
 
+def write_step_rollouts(run: Run, directory: str, step: int, rollouts: list[Rollout]) -> None:
+    """OUTPUT_DIR/`directory`/step_NNNNNN.jsonl (step counted from 1): one row per rollout,
+    written by rank 0."""
+    if run.info.is_main:
+        path = run.out / directory / f"step_{step + 1:06d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, rollout_rows(rollouts, run.tokenizer))
+
+
 class RolloutMethod(Method):
     """A method whose step starts by sampling and scoring a rollout batch."""
 
@@ -119,10 +128,7 @@ class RolloutMethod(Method):
         except RolloutError as error:
             raise StopBeforeStep(str(error)) from error
         seconds = time.monotonic() - started
-        if run.info.is_main:
-            path = run.out / ROLLOUTS_DIR / f"step_{step + 1:06d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_jsonl(path, rollout_rows(rollouts, run.tokenizer))
+        write_step_rollouts(run, ROLLOUTS_DIR, step, rollouts)
         return rollouts, seconds
 
     def hooks(self, run: Run) -> list[Hook]:

@@ -16,13 +16,12 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from posttrain.common.jsonl import write_jsonl
 from posttrain.config.grpo import ExpertIterationConfig
 from posttrain.engine.run import Run
-from posttrain.grpo.base import ROLLOUT_BREAKS_EXACT_RESUME, RolloutMethod
+from posttrain.grpo.base import ROLLOUT_BREAKS_EXACT_RESUME, RolloutMethod, write_step_rollouts
 from posttrain.losses.nll import token_weighted_nll_objective
 from posttrain.losses.policy_gradient import micro_batches
-from posttrain.rollouts.sampling import Rollout, rollout_rows, rollout_statistics
+from posttrain.rollouts.sampling import Rollout, rollout_statistics
 
 logger = logging.getLogger("posttrain")
 
@@ -77,10 +76,7 @@ class ExpertIteration(RolloutMethod):
     def step(self, run: Run, step: int) -> dict[str, float]:
         rollouts, rollout_seconds = self._rollouts(run, step)
         kept = keep_correct(rollouts)
-        if run.info.is_main:
-            path = run.out / KEPT_DIR / f"step_{step + 1:06d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_jsonl(path, rollout_rows(kept, run.tokenizer))
+        write_step_rollouts(run, KEPT_DIR, step, kept)
         row = rollout_statistics(rollouts, self.config.group_size)
         started = time.monotonic()
         losses, norms = [], []

@@ -9,7 +9,7 @@ takes the same questions with no saved position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,10 @@ class Questions:
     sources: list[str]
     stop: tuple[str, ...]
     stop_token_ids: list[int]
+    # The order of the last epoch asked for: ((seed, epoch), question indices).
+    _order_cache: tuple[tuple[int, int], list[int]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     def __len__(self) -> int:
         return len(self.golds)
@@ -44,12 +48,11 @@ class Questions:
         return chosen
 
     def _order(self, seed: int, epoch: int) -> list[int]:
-        cache = getattr(self, "_cached", None)
-        if cache is None or cache[0] != (seed, epoch):
+        if self._order_cache is None or self._order_cache[0] != (seed, epoch):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(len(self), generator=generator).tolist()
-            self._cached = ((seed, epoch), order)
-        return self._cached[1]
+            self._order_cache = ((seed, epoch), order)
+        return self._order_cache[1]
 
 
 def load_questions(

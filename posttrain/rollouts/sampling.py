@@ -13,16 +13,14 @@ same order.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from posttrain.common.distributed import DistInfo
+from posttrain.common.distributed import DistInfo, all_gather_objects
 from posttrain.generation.decode import Sample, generate
 from posttrain.rewards import RewardError, RewardFn, score_responses
 from posttrain.rl import group_advantages
@@ -157,8 +155,7 @@ def sample_rollouts(
         if status is not None:
             status(f"rollouts: chunk {done + 1}/{len(mine)}")
     if split:
-        gathered: list[Any] = [None] * info.world_size
-        dist.all_gather_object(gathered, (sampled, failure))
+        gathered = all_gather_objects((sampled, failure), info)
         failure = next((f for _, f in gathered if f is not None), None)
         sampled = {c: r for part, _ in gathered for c, r in part.items()}
     if failure is not None:
@@ -215,9 +212,3 @@ def rollout_rows(rollouts: Sequence[Rollout], tokenizer: Any) -> list[dict[str, 
             }
         )
     return rows
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """fn() and the seconds it took."""
-    started = time.monotonic()
-    return fn(), time.monotonic() - started
