@@ -102,17 +102,14 @@ def _loop(method: Method, settings: RunSettings, info: DistInfo) -> TrainResult:
 
 def _stopped(run: Run, method: Method, finished: int, stop: StopBeforeStep) -> TrainingError:
     """Checkpoint the last finished step (unless it has one) for a step that could not
-    run; the error to stop with names it."""
-    checkpoint = checkpoint_dir(run.out, finished)
-    if finished > run.start_step and not is_complete(checkpoint):
-        checkpoint = save_step(run, method, finished)
-    elif not is_complete(checkpoint):
-        last = latest_checkpoint(run.out)
-        checkpoint = last if last is not None else checkpoint
+    run; the error to stop with names the newest checkpoint."""
+    if finished > run.start_step and not is_complete(checkpoint_dir(run.out, finished)):
+        save_step(run, method, finished)
+    last = latest_checkpoint(run.out)
     where = (
-        f"checkpoint of step {finished}: {checkpoint}"
-        if is_complete(checkpoint)
-        else ("no checkpoint yet")
+        f"checkpoint of step {int(last.name.removeprefix('step-'))}: {last}"
+        if last is not None
+        else "no checkpoint yet"
     )
     return TrainingError(f"{stop}; stopped before step {finished + 1} ({where})")
 
