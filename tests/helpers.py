@@ -136,6 +136,11 @@ def command_for(subcommand: str, config: object, tmp_path: Path) -> list[str]:
     return [sys.executable, "-m", "posttrain", subcommand, "--config", str(cfg_file)]
 
 
+def metrics(out: Path) -> list[dict]:
+    """Every line of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def assert_same_final_weights(want: Path, got: Path, atol: float) -> None:
     """The final models of two runs (OUTPUT_DIR/final) agree to `atol`, tensor by tensor."""
     from safetensors.torch import load_file

@@ -4,7 +4,6 @@ normalisation, LoRA, kill/resume, bad input)."""
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from helpers import (
     assert_same_final_weights,
     command_for,
+    metrics,
     past_checkpoint,
     reverse_task,
     start_until,
@@ -97,13 +97,10 @@ def test_per_instance_dpo_loss_is_the_direct_computation(tiny_llama, llama_token
 
 
 @pytest.fixture(scope="module")
-def dpo_dir(tmp_path_factory, llama_tokenizer) -> Path:
-    from posttrain.models.tiny import tiny_causal_lm
-
+def dpo_dir(tmp_path_factory, workdir) -> Path:
     root = tmp_path_factory.mktemp("dpo")
-    model = tiny_causal_lm("llama", vocab_size=len(llama_tokenizer), hidden_size=32, seed=3)
-    model.save_pretrained(root / "model")
-    llama_tokenizer.save_pretrained(root / "model")
+    # The session's saved tiny Llama (conftest's workdir), read in place.
+    (root / "model").symlink_to(workdir / "model")
     rows = [
         {"prompt": r["prompt"], "chosen": r["response"], "rejected": " " + r["response"][::-1]}
         for r in reverse_task(24, seed=0)
@@ -130,10 +127,6 @@ def dpo_config(root: Path, out: Path, **overrides: Any) -> DPOConfig:
     }
     values.update(overrides)
     return DPOConfig(**values)
-
-
-def metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_dpo_trains_with_the_reference_computed_once(dpo_dir, tmp_path) -> None:

@@ -14,6 +14,7 @@ import torch
 from helpers import (
     assert_same_final_weights,
     command_for,
+    metrics,
     past_checkpoint,
     reverse_task,
     start_until,
@@ -36,13 +37,10 @@ def score(response, gold):
 
 
 @pytest.fixture(scope="module")
-def rl_dir(tmp_path_factory, llama_tokenizer) -> Path:
-    from posttrain.models.tiny import tiny_causal_lm
-
+def rl_dir(tmp_path_factory, workdir) -> Path:
     root = tmp_path_factory.mktemp("grpo")
-    model = tiny_causal_lm("llama", vocab_size=len(llama_tokenizer), hidden_size=32, seed=3)
-    model.save_pretrained(root / "model")
-    llama_tokenizer.save_pretrained(root / "model")
+    # The session's saved tiny Llama (conftest's workdir), read in place.
+    (root / "model").symlink_to(workdir / "model")
     rows = [{"prompt": r["prompt"], "answer": r["response"]} for r in reverse_task(24, seed=0)]
     write_jsonl(root / "questions.jsonl", rows)
     write_jsonl(root / "boom.jsonl", [*rows[:3], {"prompt": "Reverse: ab ->", "answer": "boom"}])
@@ -71,10 +69,6 @@ def grpo_config(root: Path, out: Path, **overrides: Any) -> GRPOConfig:
     }
     values.update(overrides)
     return GRPOConfig(**values)
-
-
-def metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_grpo_runs_logs_and_writes_its_rollouts(rl_dir, tmp_path) -> None:
