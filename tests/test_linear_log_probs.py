@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import grads_of, leaf, make, reference, relative_error
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from posttrain.models.tiny import QWEN25_VOCAB_SIZE
 from posttrain.ops.linear_log_probs import chunked_log_probs
@@ -144,6 +145,36 @@ def test_saves_no_vocabulary_sized_tensor() -> None:
     # Only the inputs (the weight being the largest) and per-token statistics.
     assert saved and max(saved) <= weight.numel() < 40 * 1000
     assert sum(1 for s in saved if s == 40) == 3  # labels, log-sum-exp, entropy
+
+
+class _ChunkAllocations(TorchDispatchMode):
+    """Counts the tensors of exactly `shape` that aten allocates while active."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        allocators = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default)
+        if func in allocators and tuple(out.shape) == self.shape:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize(("entropy_weight", "buffers"), [(0.0, 1), (0.01, 2)])
+def test_backward_holds_a_second_chunk_buffer_only_for_an_entropy_gradient(
+    entropy_weight: float, buffers: int
+) -> None:
+    """Log-probs alone (DPO, a policy gradient without entropy bonus) need one
+    vocabulary-sized chunk buffer in backward; an entropy gradient needs p and log p."""
+    hidden, weight, b, labels = leaf(*make(40, 8, 1000, torch.float32))
+    lp, ent = chunked_log_probs(hidden, weight, b, labels, return_entropy=True, chunk_size=8)
+    loss = lp.sum() + (entropy_weight * ent.sum() if entropy_weight else 0 * lp.sum())
+    counter = _ChunkAllocations((8, 1000))
+    with counter:
+        loss.backward()
+    assert counter.count == buffers
 
 
 # --------------------------------------------------------------------------- arguments

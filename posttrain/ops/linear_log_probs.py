@@ -64,7 +64,7 @@ def log_probs_forward(
 
 def _grad_logits(
     z: torch.Tensor,
-    p_buf: torch.Tensor,
+    p_buf: torch.Tensor | None,
     labels: torch.Tensor,
     lse: torch.Tensor,
     g_lp: torch.Tensor,
@@ -75,14 +75,16 @@ def _grad_logits(
 
     d(log p_y)/dz = onehot(y) - p and dH/dz = -p (log p + H), so
     dL/dz = onehot * g_lp - p * (g_lp + g_ent * H + g_ent * log p).
+    The entropy term needs log p and p side by side (`p_buf`, same shape as z);
+    without it p overwrites z, so the chunk costs one vocabulary-sized buffer.
     """
     logp = z.sub_(lse[:, None])
-    p = torch.exp(logp, out=p_buf)
-    if g_ent is not None and entropy is not None:
+    if g_ent is not None and entropy is not None and p_buf is not None:
+        p = torch.exp(logp, out=p_buf)
         a = -(g_lp + g_ent * entropy)
         gz = torch.addcmul(a[:, None], logp, -g_ent[:, None], out=logp).mul_(p)
     else:
-        gz = p.mul_(-g_lp[:, None])
+        gz = logp.exp_().mul_(-g_lp[:, None])
     return gz.scatter_add_(1, labels[:, None], g_lp[:, None])
 
 
@@ -115,7 +117,9 @@ def log_probs_backward(
     rows = min(spec.rows, max(n_active, 1))
     proj = Projector(hidden.dtype, weight, bias, cdtype, rows, spec.logit_scale, spec.softcap)
     buf = torch.empty(rows, vocab, dtype=cdtype, device=device)
-    pbuf = torch.empty_like(buf)
+    # Without an entropy gradient (log-probs alone: DPO, a policy gradient without an
+    # entropy bonus) the second buffer is never touched, so it is not allocated.
+    pbuf = torch.empty_like(buf) if use_entropy else None
     tbuf = torch.empty_like(buf) if spec.softcap is not None else None
     for a0 in range(0, n_active, rows):
         a1 = min(a0 + rows, n_active)
@@ -126,7 +130,7 @@ def log_probs_backward(
         proj.logits(h, buf[:n], t)
         gz = _grad_logits(
             buf[:n],
-            pbuf[:n],
+            None if pbuf is None else pbuf[:n],
             labels[sel],
             lse[sel],
             g_lp[sel],
