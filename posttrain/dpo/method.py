@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -35,6 +35,18 @@ from posttrain.losses.dpo import DPOLoss, dpo_metrics, dpo_objective
 logger = logging.getLogger("posttrain")
 
 REFERENCE_FILE = "reference_logps.pt"
+# The keys of `dpo_metrics`, logged by a step and, with an `eval_` prefix, by the
+# evaluation on eval_file -> what each means (per pair: a mean over the pairs).
+DPO_METRICS: dict[str, str] = {
+    "loss": "the DPO loss (loss_type), mean over the pairs",
+    "rewards_chosen": "implicit reward of the chosen responses: beta x (policy - reference) "
+    "log-prob (ipo: per token), mean",
+    "rewards_rejected": "the same for the rejected responses",
+    "reward_margin": "rewards_chosen - rewards_rejected",
+    "reward_accuracy": "share of pairs whose chosen response has the higher implicit reward",
+    "logps_chosen": "the policy's summed log-prob of the chosen response (ipo: per token), mean",
+    "logps_rejected": "the same for the rejected response",
+}
 # Pairs per reference-scoring forward, as a multiple of the training micro-batch.
 REFERENCE_BATCH_FACTOR = 4
 DPO_BREAKS_EXACT_RESUME = (
@@ -81,6 +93,11 @@ class DPO(Method):
 
     command = "dpo"
     breaks_exact_resume = DPO_BREAKS_EXACT_RESUME
+    metrics: ClassVar[Mapping[str, str]] = {
+        **DPO_METRICS,
+        "tokens_per_s": "input tokens (padding excluded) per second of the step, all ranks",
+        "epoch": "passes over the pairs done before this step (fractional)",
+    }
 
     def __init__(self, config: DPOConfig) -> None:
         self.config = config
@@ -235,6 +252,10 @@ class DPOEvalHook:
     method: DPO
     every: int
 
+    metrics: ClassVar[Mapping[str, str]] = {
+        f"eval_{key}": f"{meaning}, on the held-out pairs" for key, meaning in DPO_METRICS.items()
+    }
+
     def __call__(self, run: Run, done: int, status: Callable[[str], None]) -> dict[str, float]:
         method, info = self.method, run.info
         pairs = method.eval_pairs
@@ -252,6 +273,9 @@ class DPOEvalHook:
                 status(f"eval {min(len(pairs), (r + 1) * size * info.world_size)}/{len(pairs)}")
         run.module.train()
         return dpo_metrics(sums.all_reduced(info), prefix="eval_")
+
+
+DPO.hook_types = (DPOEvalHook,)
 
 
 def reference_sequence_logps(run: Run, batch: dict[str, Tensor], ipo: bool) -> Tensor:

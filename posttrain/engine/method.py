@@ -19,7 +19,7 @@ of a key in `breaks_exact_resume` is refused unless the user insists.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from posttrain.common.distributed import DistInfo
 from posttrain.engine.run import Run
@@ -51,6 +51,12 @@ class Method:
     # Optimizer updates per step: a step may update several times (RL: one rollout batch,
     # then several optimizer steps on it); the learning-rate schedule spans them all.
     updates_per_step: int = 1
+    # The metrics keys its `step` logs besides `engine.metrics.ENGINE_METRICS` (or with a
+    # meaning of its own) -> one line on what each means.
+    metrics: ClassVar[Mapping[str, str]] = {}
+    # The classes of the hooks `hooks` may return; each declares the keys it logs in its
+    # own `metrics` (an evaluation's, `eval_` keys).
+    hook_types: ClassVar[tuple[type, ...]] = ()
 
     def config_dict(self) -> dict[str, Any]:
         """The method's whole config as plain values, saved with every checkpoint."""

@@ -29,6 +29,19 @@ from posttrain.common.plotting import quiet_font_cache
 
 METRICS_FILE = "metrics.jsonl"
 
+# The keys on the training lines of every method -> what each means: "step" is added by
+# `MetricsLogger.log`, "loss" is what the loop reports as the final loss, and `lr` and
+# `grad_norm` are what `Run.optimizer_step` returns. What else a method logs is its
+# `Method.metrics`, and its evaluations' keys the `metrics` of its `Method.hook_types`
+# (docs/reference/metrics.md is generated from these; tests/test_docs.py checks them
+# against real runs).
+ENGINE_METRICS: dict[str, str] = {
+    "step": "optimizer steps done, counted from 1 (RL: rollout batches); on every line",
+    "loss": "the training loss of the step (what it is: the method's table)",
+    "lr": "learning rate of the schedule at this step",
+    "grad_norm": "gradient norm before clipping (a step of several updates: their mean)",
+}
+
 # Trackers `report_to` may name -> (module to import, pip package).
 _TRACKERS = {"wandb": ("wandb", "wandb"), "tensorboard": ("torch.utils.tensorboard", "tensorboard")}
 

@@ -13,10 +13,10 @@ samples go to OUTPUT_DIR/generations/step_NNNNNN.jsonl.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -156,6 +156,14 @@ class LossEvalHook:
     micro_batch_size: int
     every: int
 
+    # The keys it logs (`held_out_loss.evaluate_loss`) -> what each means.
+    metrics: ClassVar[Mapping[str, str]] = {
+        "eval_loss": "mean response-token NLL on the held-out examples",
+        "eval_perplexity": "exp(eval_loss)",
+        "eval_entropy": "mean next-token entropy over the held-out response tokens (nats)",
+        "eval_token_accuracy": "share of held-out response tokens predicted exactly (argmax)",
+    }
+
     def __call__(self, run: HookRun, done: int, status: Callable[[str], None]) -> dict[str, float]:
         return evaluate_loss(
             run.module,
@@ -175,6 +183,13 @@ class GenerationEvalHook:
 
     spec: GenerationEval
     every: int
+
+    # The keys it logs (`run_generation_eval`) -> what each means.
+    metrics: ClassVar[Mapping[str, str]] = {
+        "eval_accuracy": "mean reward of the greedy answers (the share right, for a 0/1 reward)",
+        "eval_format_rate": "mean format reward: the share of answers in the expected form",
+        "eval_mean_response_length": "mean answer length in tokens",
+    }
 
     def __call__(self, run: HookRun, done: int, status: Callable[[str], None]) -> dict[str, float]:
         # Generation's caches need the memory more than the next step needs to skip the

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any
+from typing import Any, ClassVar
 
 from posttrain.common.devices import autocast
 from posttrain.common.distributed import DistInfo, is_fsdp, unsharded
@@ -16,7 +17,7 @@ from posttrain.config.grpo import GRPOConfig, check_world_size
 from posttrain.engine.method import Hook, Method
 from posttrain.engine.resume import data_fingerprint
 from posttrain.engine.run import Run, StopBeforeStep
-from posttrain.evaluation.hooks import generation_eval_hook
+from posttrain.evaluation.hooks import GenerationEvalHook, generation_eval_hook
 from posttrain.rewards import get_reward_fn
 from posttrain.rollouts.questions import Questions, load_questions
 from posttrain.rollouts.sampling import (
@@ -58,8 +59,29 @@ def write_step_rollouts(run: Run, directory: str, step: int, rollouts: list[Roll
         write_jsonl(path, rollout_rows(rollouts, run.tokenizer))
 
 
+# The keys of a rollout method's step about its rollouts and timing (`rollout_statistics`,
+# then the step's own) -> what each means.
+ROLLOUT_METRICS: dict[str, str] = {
+    "reward": "mean reward of the step's rollouts",
+    "reward_std": "standard deviation of those rewards",
+    "format_reward": "mean format reward: the share of responses in the expected form",
+    "answer_reward": "mean answer reward: the share of right answers",
+    "frac_zero_std_groups": "share of questions whose responses all got the same reward "
+    "(nothing to learn from them)",
+    "response_length": "mean response length in tokens",
+    "truncated_fraction": "share of responses cut at max_new_tokens",
+    "entropy": "mean per-token entropy of the sampling distribution (at temperature 1, nats)",
+    "rollout_seconds": "seconds spent sampling and scoring the rollouts",
+    "train_seconds": "seconds spent on the updates",
+    "rollout_tokens_per_s": "response tokens sampled per second, all ranks",
+}
+
+
 class RolloutMethod(Method):
     """A method whose step starts by sampling and scoring a rollout batch."""
+
+    metrics: ClassVar[Mapping[str, str]] = ROLLOUT_METRICS
+    hook_types = (GenerationEvalHook,)
 
     def __init__(self, config: GRPOConfig) -> None:
         self.config = config

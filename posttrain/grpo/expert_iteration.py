@@ -12,13 +12,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 from torch import Tensor
 
 from posttrain.config.grpo import ExpertIterationConfig
 from posttrain.engine.run import Run
-from posttrain.grpo.base import ROLLOUT_BREAKS_EXACT_RESUME, RolloutMethod, write_step_rollouts
+from posttrain.grpo.base import (
+    ROLLOUT_BREAKS_EXACT_RESUME,
+    ROLLOUT_METRICS,
+    RolloutMethod,
+    write_step_rollouts,
+)
 from posttrain.losses.nll import token_weighted_nll_objective
 from posttrain.losses.policy_gradient import micro_batches
 from posttrain.rollouts.sampling import Rollout, rollout_statistics
@@ -49,6 +55,15 @@ class ExpertIteration(RolloutMethod):
 
     command = "expert-iteration"
     breaks_exact_resume = EI_BREAKS_EXACT_RESUME
+    metrics: ClassVar[Mapping[str, str]] = {
+        **ROLLOUT_METRICS,
+        "kept": "responses kept for fine-tuning: reward 1, each distinct one once",
+        "kept_fraction": "kept / rollouts of the step",
+        "loss": "mean response-token NLL on the kept responses, over the step's updates "
+        "(NaN when none was kept)",
+        "grad_norm": "gradient norm before clipping, mean over the step's updates (0 when "
+        "none was kept)",
+    }
 
     def __init__(self, config: ExpertIterationConfig) -> None:
         super().__init__(config)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 from torch import Tensor
 
 from posttrain.config.grpo import GRPOConfig
 from posttrain.engine.run import Run
-from posttrain.grpo.base import ROLLOUT_BREAKS_EXACT_RESUME, RolloutMethod
+from posttrain.grpo.base import ROLLOUT_BREAKS_EXACT_RESUME, ROLLOUT_METRICS, RolloutMethod
 from posttrain.losses.policy_gradient import (
     Loss,
     micro_batches,
@@ -52,6 +53,13 @@ class GRPO(RolloutMethod):
 
     command = "grpo"
     breaks_exact_resume = GRPO_BREAKS_EXACT_RESUME
+    metrics: ClassVar[Mapping[str, str]] = {
+        **ROLLOUT_METRICS,
+        "loss": "the policy-gradient loss (loss_type), mean over the step's updates",
+        "clip_fraction": "grpo_clip only: share of response tokens whose probability ratio "
+        "was clipped",
+        "kl": "beta > 0 only: mean per-token KL estimate (kl_estimator) to the starting model",
+    }
 
     def __init__(self, config: GRPOConfig) -> None:
         super().__init__(config)

@@ -6,14 +6,14 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from posttrain.common.distributed import DistInfo
 from posttrain.config import SFTConfig, config_to_dict
 from posttrain.engine.method import Hook, Method
 from posttrain.engine.resume import global_batch_change
 from posttrain.engine.run import Run
-from posttrain.evaluation.hooks import LossEvalHook, generation_eval_hook
+from posttrain.evaluation.hooks import GenerationEvalHook, LossEvalHook, generation_eval_hook
 from posttrain.losses.nll import nll_objective, step_denominator
 from posttrain.primitives import pad_token_id_of
 from posttrain.sft.data import (
@@ -48,6 +48,15 @@ class SFT(Method):
 
     command = "sft"
     breaks_exact_resume = SFT_BREAKS_EXACT_RESUME
+    metrics: ClassVar[Mapping[str, str]] = {
+        "loss": "mean response-token NLL of the step's batch (loss_normalization sequence: "
+        "per sequence, then over sequences)",
+        "entropy": "mean next-token entropy over the response tokens (nats)",
+        "token_accuracy": "share of response tokens predicted exactly (argmax)",
+        "tokens_per_s": "input tokens (padding excluded) per second of the step, all ranks",
+        "epoch": "passes over the training data done before this step (fractional)",
+    }
+    hook_types = (LossEvalHook, GenerationEvalHook)
 
     def __init__(self, config: SFTConfig) -> None:
         self.config = config
