@@ -200,7 +200,7 @@ def compute_group_normalized_rewards(
         rollout_responses, repeated_ground_truths: lists of equal length, a multiple of
             `group_size` (each ground truth repeated once per rollout of its prompt).
         group_size: rollouts per prompt, >= 1.
-        advantage_eps: >= 0, added to the std to keep the division finite.
+        advantage_eps: non-negative; added to the std to keep the division finite.
         normalize_by_std: divide by the group std (GRPO) or not (Dr. GRPO).
 
     Returns:

@@ -4,6 +4,7 @@ normalisation, LoRA, kill/resume, bad input)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import subprocess
@@ -161,6 +162,41 @@ def test_dpo_trains_with_the_reference_computed_once(dpo_dir, tmp_path) -> None:
     from posttrain.engine.metrics import plot_panels
 
     assert plot_panels(rows) == ["loss", "reward margin", "preference accuracy", "lr"]
+
+
+def test_dpo_runs_the_generation_evaluation(dpo_dir, tmp_path, caplog) -> None:
+    # The evaluation every training command shares: greedy answers to held-out prompts,
+    # scored, on its own cadence beside the held-out pairs' (here only at the end).
+    questions = write_jsonl(
+        tmp_path / "questions.jsonl",
+        [{"prompt": r["prompt"], "answer": r["response"]} for r in reverse_task(4, seed=1)],
+    )
+    out = tmp_path / "run"
+    config = dpo_config(
+        dpo_dir,
+        out,
+        max_steps=4,
+        eval_file=str(dpo_dir / "eval.jsonl"),
+        eval_generate_file=str(questions),
+        eval_generate_every=2,
+        eval_generate_limit=3,
+        eval_max_new_tokens=4,
+        reward="exact",
+    )
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        train_dpo(config)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "generation evaluation: greedy answers to 3 prompts" in said
+    rows = metrics(out)
+    generated = [r for r in rows if "eval_accuracy" in r]
+    assert [r["step"] for r in generated] == [2, 4]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4]
+    for r in generated:
+        assert {"eval_accuracy", "eval_format_rate", "eval_mean_response_length"} <= set(r)
+        assert 0 <= r["eval_accuracy"] <= 1 and 0 < r["eval_mean_response_length"] <= 4
+    for step in (2, 4):
+        samples = (out / "generations" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        assert len(samples) == 3
 
 
 def step_gradient(dpo_dir: Path, tmp_path: Path, micro: int, accum: int) -> dict:

@@ -30,6 +30,7 @@ from posttrain.data.pairs import PairFormat, PreferencePair, load_pairs
 from posttrain.engine.method import Hook, Method
 from posttrain.engine.resume import data_fingerprint, global_batch_change
 from posttrain.engine.run import Run
+from posttrain.evaluation.hooks import GenerationEvalHook, generation_eval_hooks
 from posttrain.losses.dpo import DPOLoss, dpo_metrics, dpo_objective
 
 logger = logging.getLogger("posttrain")
@@ -226,9 +227,12 @@ class DPO(Method):
         return batch
 
     def hooks(self, run: Run) -> list[Hook]:
-        if not self.eval_pairs:
-            return []
-        return [DPOEvalHook(self, self.config.eval_every)]
+        c = self.config
+        hooks: list[Hook] = []
+        if self.eval_pairs:
+            hooks.append(DPOEvalHook(self, c.eval_every))
+        hooks += generation_eval_hooks(c, run.tokenizer, run.out, announce=run.info.is_main)
+        return hooks
 
 
 def rank_chunks(count: int, size: int, info: DistInfo) -> list[tuple[int, list[int], bool]]:
@@ -275,7 +279,7 @@ class DPOEvalHook:
         return dpo_metrics(sums.all_reduced(info), prefix="eval_")
 
 
-DPO.hook_types = (DPOEvalHook,)
+DPO.hook_types = (DPOEvalHook, GenerationEvalHook)
 
 
 def reference_sequence_logps(run: Run, batch: dict[str, Tensor], ipo: bool) -> Tensor:

@@ -207,31 +207,50 @@ class GenerationEvalHook:
         )
 
 
-def generation_eval_hook(
-    path: str,
+class GenerationEvalSettings(Protocol):
+    """What `generation_eval_hooks` reads of a training command's config (the settings
+    every command shares, `TrainConfig`'s eval_generate_* and reward)."""
+
+    eval_generate_file: str | None
+    eval_generate_every: int
+    eval_generate_limit: int | None
+    eval_max_new_tokens: int
+    reward: str | None
+    eval_prompt_field: str | None
+    eval_answer_field: str | None
+    eval_prompt_template: str | None
+
+
+def generation_eval_hooks(
+    settings: GenerationEvalSettings,
     tokenizer: Any,
     out_dir: Path,
     *,
-    prompt_field: str | None,
-    answer_field: str | None,
-    limit: int | None,
-    template: str | None,
-    reward: str,
-    max_new_tokens: int,
-    every: int,
     announce: bool,
-) -> GenerationEvalHook:
-    """The generation evaluation of a training run, prepared before the first step (every
-    input error surfaces now) and, with `announce`, said in the log."""
+    template: str | None = None,
+) -> list[GenerationEvalHook]:
+    """The generation evaluation a training command's settings ask for: [] without an
+    `eval_generate_file`, else one hook, prepared before the first step (every input
+    error surfaces now) and, with `announce`, said in the log.
+
+    `template`: the prompt template (default: `eval_prompt_template`; None: question_only).
+    A field left at None follows `posttrain eval`'s rule (question from prompt, else
+    question; gold from answer, else response, else completion)."""
+    path = settings.eval_generate_file
+    if path is None:
+        return []
+    if not settings.reward:  # the configs refuse this; a config built otherwise too
+        raise ValueError("eval_generate_file is set but no reward to score the answers with")
+    every = settings.eval_generate_every
     spec = prepare_generation_eval(
         path,
         tokenizer,
-        prompt_field=prompt_field,
-        answer_field=answer_field,
-        limit=limit,
-        template=template,
-        reward=reward,
-        max_new_tokens=max_new_tokens,
+        prompt_field=settings.eval_prompt_field,
+        answer_field=settings.eval_answer_field,
+        limit=settings.eval_generate_limit,
+        template=settings.eval_prompt_template if template is None else template,
+        reward=settings.reward,
+        max_new_tokens=settings.eval_max_new_tokens,
         out_dir=out_dir,
     )
     if announce:
@@ -239,7 +258,7 @@ def generation_eval_hook(
             "generation evaluation: greedy answers to %d prompts of %s scored with %r, %s",
             len(spec.prompts),
             path,
-            reward,
+            settings.reward,
             f"every {every} steps and at the end" if every else "at the end",
         )
-    return GenerationEvalHook(spec, every)
+    return [GenerationEvalHook(spec, every)]

@@ -17,7 +17,7 @@ from posttrain.config.grpo import GRPOConfig, check_world_size
 from posttrain.engine.method import Hook, Method
 from posttrain.engine.resume import data_fingerprint
 from posttrain.engine.run import Run, StopBeforeStep
-from posttrain.evaluation.hooks import GenerationEvalHook, generation_eval_hook
+from posttrain.evaluation.hooks import GenerationEvalHook, generation_eval_hooks
 from posttrain.rewards import get_reward_fn
 from posttrain.rollouts.questions import Questions, load_questions
 from posttrain.rollouts.sampling import (
@@ -155,19 +155,11 @@ class RolloutMethod(Method):
 
     def hooks(self, run: Run) -> list[Hook]:
         c = self.config
-        if c.eval_generate_file is None:
-            return []
-        hook = generation_eval_hook(
-            c.eval_generate_file,
+        # Without an eval template the evaluation prompts as training does.
+        return generation_eval_hooks(
+            c,
             run.tokenizer,
             run.out,
-            prompt_field=c.eval_prompt_field,
-            answer_field=c.eval_answer_field,
-            limit=c.eval_generate_limit,
-            template=c.eval_prompt_template or c.prompt_template,
-            reward=c.reward or "",
-            max_new_tokens=c.eval_max_new_tokens,
-            every=c.eval_generate_every,
             announce=run.info.is_main,
+            template=c.eval_prompt_template or c.prompt_template,
         )
-        return [hook]

@@ -13,7 +13,7 @@ from posttrain.config import SFTConfig, config_to_dict
 from posttrain.engine.method import Hook, Method
 from posttrain.engine.resume import global_batch_change
 from posttrain.engine.run import Run
-from posttrain.evaluation.hooks import GenerationEvalHook, LossEvalHook, generation_eval_hook
+from posttrain.evaluation.hooks import GenerationEvalHook, LossEvalHook, generation_eval_hooks
 from posttrain.losses.nll import nll_objective, step_denominator
 from posttrain.primitives import pad_token_id_of
 from posttrain.sft.data import (
@@ -143,22 +143,5 @@ class SFT(Method):
         hooks: list[Hook] = []
         if self.eval_examples:
             hooks.append(LossEvalHook(self.eval_examples, c.micro_batch_size, c.eval_every))
-        if c.eval_generate_file is not None and c.reward is not None:
-            hooks.append(
-                generation_eval_hook(
-                    c.eval_generate_file,
-                    run.tokenizer,
-                    run.out,
-                    # None: the rule every command follows (question from prompt, else
-                    # question; gold from answer, else response, else completion).
-                    prompt_field=c.eval_prompt_field,
-                    answer_field=c.eval_answer_field,
-                    limit=c.eval_generate_limit,
-                    template=c.eval_prompt_template,
-                    reward=c.reward,
-                    max_new_tokens=c.eval_max_new_tokens,
-                    every=c.eval_generate_every,
-                    announce=run.info.is_main,
-                )
-            )
+        hooks += generation_eval_hooks(c, run.tokenizer, run.out, announce=run.info.is_main)
         return hooks
