@@ -33,7 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 # `MetricsLogger.log`, "loss" is what the loop reports as the final loss, and `lr` and
 # `grad_norm` are what `Run.optimizer_step` returns. What else a method logs is its
 # `Method.metrics`, and its evaluations' keys the `metrics` of its `Method.hook_types`
-# (docs/reference/metrics.md is generated from these; tests/test_docs.py checks them
+# (docs/reference/metrics.md is generated from these; tests/test_docs_site.py checks them
 # against real runs).
 ENGINE_METRICS: dict[str, str] = {
     "step": "optimizer steps done, counted from 1 (RL: rollout batches); on every line",
