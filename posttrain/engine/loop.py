@@ -62,18 +62,20 @@ def _loop(method: Method, settings: RunSettings, info: DistInfo) -> TrainResult:
         return run  # a finished run, resumed: nothing to do
     method.setup(run)
     hooks = method.hooks(run)
-    metrics = MetricsLogger(
-        run.out,
-        method.config_dict(),
-        enabled=info.is_main,
-        resume_step=run.start_step if run.resumed else None,
-    )
-    # --no-progress turns the bar into plain lines, as in a log file; rank 0 speaks.
-    progress = ProgressReporter(run.total_steps, enabled=info.is_main, bar=settings.progress)
     final_loss = float("nan")
     started = time.monotonic()
+    # The handlers go in before metrics.jsonl appears: from then on a SIGTERM or Ctrl-C
+    # always ends in a checkpoint and exit 130/143, never in a bare kill.
     with StopRequest() as stop, contextlib.ExitStack() as cleanup:
+        metrics = MetricsLogger(
+            run.out,
+            method.config_dict(),
+            enabled=info.is_main,
+            resume_step=run.start_step if run.resumed else None,
+        )
         cleanup.callback(metrics.close)
+        # --no-progress turns the bar into plain lines, as in a log file; rank 0 speaks.
+        progress = ProgressReporter(run.total_steps, enabled=info.is_main, bar=settings.progress)
         cleanup.callback(progress.close)
         for step in range(run.start_step, run.total_steps):
             done = step + 1
