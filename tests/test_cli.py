@@ -297,22 +297,27 @@ def test_every_command_checks_flags_and_paths_before_importing_torch(tmp_path: P
         assert code_line == "2", argv
 
 
+@pytest.mark.parametrize("command", ["sft", "dpo"])
 def test_reward_without_a_generation_file_is_warned_about(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    command: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import posttrain.cli.sft as sft_cli
-    from posttrain.config import SFTConfig
+    import importlib
 
+    from posttrain.config import SFTConfig
+    from posttrain.config.dpo import DPOConfig
+
+    cli = importlib.import_module(f"posttrain.cli.{command}")
+    config_class = SFTConfig if command == "sft" else DPOConfig
     (tmp_path / "m").mkdir()
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    config = SFTConfig(model=str(tmp_path / "m"), train_file=str(data), reward="gsm8k")
+    config = config_class(model=str(tmp_path / "m"), train_file=str(data), reward="gsm8k")
     with caplog.at_level("WARNING", logger="posttrain"):
-        sft_cli.check_paths(config)
+        cli.check_paths(config)
     assert [r.getMessage() for r in caplog.records] == [
-        "posttrain sft: --reward gsm8k is ignored without --eval-generate-file (the prompts "
-        "with gold answers it would score)"
+        f"posttrain {command}: --reward gsm8k is ignored without --eval-generate-file (the "
+        "prompts with gold answers it would score)"
     ]
     caplog.clear()
     with caplog.at_level("WARNING", logger="posttrain"):
-        sft_cli.check_paths(SFTConfig(model=str(tmp_path / "m"), train_file=str(data)))
+        cli.check_paths(config_class(model=str(tmp_path / "m"), train_file=str(data)))
     assert caplog.records == []

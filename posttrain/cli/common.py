@@ -10,6 +10,9 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
+
+from posttrain.config.values import flag
 
 logger = logging.getLogger("posttrain")
 
@@ -47,4 +50,31 @@ def check_tracker(report_to: str) -> None:
         raise ValueError(
             f"--report-to {report_to} needs the {module} package, which is not installed: "
             f"pip install 'posttrain[{extra}]' (or --report-to none)"
+        )
+
+
+TRAINING_DATA = ("train_file", "eval_file", "eval_generate_file")
+
+
+def check_run_inputs(
+    command: str,
+    config: Any,
+    data_settings: tuple[str, ...] = TRAINING_DATA,
+    reward_trains: bool = False,
+) -> None:
+    """A training command's model directory and data files exist and its tracker is
+    installed, before torch is imported. Unless the reward is what the method trains on
+    (`reward_trains`), a reward without `eval_generate_file` is warned about: it would be
+    ignored."""
+    check_model_dir(config.model)
+    for name in data_settings:
+        check_data_path(getattr(config, name), flag(name))
+    check_tracker(config.report_to)
+    unused_reward = config.reward is not None and config.eval_generate_file is None
+    if not reward_trains and unused_reward and env_rank() == 0:
+        logger.warning(
+            "posttrain %s: --reward %s is ignored without --eval-generate-file (the "
+            "prompts with gold answers it would score)",
+            command,
+            config.reward,
         )

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from posttrain.cli.common import check_data_path, check_model_dir, check_tracker
+from posttrain.cli.common import check_run_inputs
 from posttrain.cli.training import run_training
 from posttrain.config.dpo import DPO_SPEC, DPOConfig
-from posttrain.config.values import flag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,11 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_paths(config: DPOConfig) -> None:
-    """The input paths exist and the tracker is installed, before torch is imported."""
-    check_model_dir(config.model)
-    for name in ("train_file", "eval_file", "eval_generate_file"):
-        check_data_path(getattr(config, name), flag(name))
-    check_tracker(config.report_to)
+    """The input paths exist and the tracker is installed, before torch is imported; a
+    reward without prompts to score is warned about."""
+    check_run_inputs("dpo", config)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from posttrain.cli.common import check_data_path, check_model_dir, check_tracker
+from posttrain.cli.common import check_run_inputs
 from posttrain.cli.training import run_training
 from posttrain.config.grpo import GRPO_SPEC, GRPOConfig
-from posttrain.config.values import flag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,10 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_paths(config: GRPOConfig) -> None:
     """The input paths exist and the tracker is installed, before torch is imported."""
-    check_model_dir(config.model)
-    for name in ("train_file", "eval_generate_file"):
-        check_data_path(getattr(config, name), flag(name))
-    check_tracker(config.report_to)
+    check_run_inputs("grpo", config, ("train_file", "eval_generate_file"), reward_trains=True)
 
 
 def run(args: argparse.Namespace) -> int:
