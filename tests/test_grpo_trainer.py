@@ -4,6 +4,7 @@ normalisation, settings checks, a failing reward, kill/resume, and 2 ranks vs 1.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 from pathlib import Path
@@ -311,6 +312,12 @@ def test_expert_iteration_keeps_the_correct_responses_and_learns_from_them(rl_di
         distinct = {(s["question"], s["response"]) for s in sampled if s["reward"] == 1.0}
         assert len(kept) == len(distinct)  # each correct response once
     assert sum(r["kept"] for r in rows) > 0
+    # lr is the rate of the step's last update, as every method logs it: step 1 makes
+    # sft_epochs x (kept / train_batch_size) updates of a cosine schedule planned for
+    # steps x sft_epochs x (rollout_batch_size / train_batch_size) = 6.
+    updates = 2 * math.ceil(rows[0]["kept"] / 8)
+    want = 0.5 * config.lr * (1 + math.cos(math.pi * (updates - 1) / 6))
+    assert updates > 0 and rows[0]["lr"] == pytest.approx(want, rel=1e-9)
     start = load_file(rl_dir / "model" / "model.safetensors")
     final = load_file(out / "final" / "model.safetensors")
     assert any(not torch.equal(final[k], start[k]) for k in final)

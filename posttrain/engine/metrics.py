@@ -38,7 +38,7 @@ METRICS_FILE = "metrics.jsonl"
 ENGINE_METRICS: dict[str, str] = {
     "step": "optimizer steps done, counted from 1 (RL: rollout batches); on every line",
     "loss": "the training loss of the step (what it is: the method's table)",
-    "lr": "learning rate of the schedule at this step",
+    "lr": "learning rate of the step's last optimizer update",
     "grad_norm": "gradient norm before clipping (a step of several updates: their mean)",
 }
 

@@ -95,13 +95,16 @@ class ExpertIteration(RolloutMethod):
         row = rollout_statistics(rollouts, self.config.group_size)
         started = time.monotonic()
         losses, norms = [], []
+        # Logged as the other methods log it: the rate of the step's last update (with
+        # nothing kept, no update: the rate the next one will use).
+        lr = run.scheduler.get_last_lr()[0]
         objective = token_weighted_nll_objective()
         for _ in range(self.config.sft_epochs):
             for start in range(0, len(kept), self.config.train_batch_size):
                 part = kept[start : start + self.config.train_batch_size]
                 batches = self._micro_batches(run, part)
                 total = run.accumulate(batches, objective).all_reduced(run.info)
-                grad_norm, _ = run.optimizer_step(total["loss"], step + 1)
+                grad_norm, lr = run.optimizer_step(total["loss"], step + 1)
                 losses.append(total["loss"])
                 norms.append(grad_norm)
         tokens = sum(len(r.response_ids) for r in rollouts)
@@ -110,7 +113,7 @@ class ExpertIteration(RolloutMethod):
             kept_fraction=len(kept) / len(rollouts),
             loss=sum(losses) / len(losses) if losses else float("nan"),
             grad_norm=sum(norms) / len(norms) if norms else 0.0,
-            lr=run.scheduler.get_last_lr()[0],
+            lr=lr,
             rollout_seconds=rollout_seconds,
             train_seconds=time.monotonic() - started,
             rollout_tokens_per_s=tokens / max(rollout_seconds, 1e-9),
