@@ -26,7 +26,7 @@ from posttrain.common.distributed import DistInfo
 from posttrain.common.sums import Sums
 from posttrain.engine.checkpoints import latest_checkpoint
 from posttrain.engine.settings import RunSettings
-from posttrain.models.policy import Objective, PolicyModule
+from posttrain.models.policy import Objective, PolicyModule, batch_log_probs
 
 
 def accumulate(
@@ -141,14 +141,5 @@ class Run:
     def _score(
         self, module: nn.Module, batch: dict[str, Tensor], with_entropy: bool
     ) -> dict[str, Tensor]:
-        # Only the response's positions go through the head (where the batch says).
-        positions = batch["response_mask"] > 0 if "response_mask" in batch else None
         with autocast(self.info.device, self.autocast_dtype):
-            return module(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["labels"],
-                output="log_probs",
-                with_entropy=with_entropy,
-                positions=positions,
-            )
+            return batch_log_probs(module, batch, with_entropy)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from posttrain.models.policy import Objective
+from posttrain.models.policy import Objective, batch_log_probs
 from posttrain.primitives import get_response_log_probs
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -118,13 +118,7 @@ def dpo_objective(loss: DPOLoss, pairs_in_step: int) -> Objective:
     `pairs_in_step` pairs of the optimizer step, and its statistics."""
 
     def objective(module: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        out = module(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
-            output="log_probs",
-            positions=batch["response_mask"] > 0,
-        )
+        out = batch_log_probs(module, batch)
         mask = batch["response_mask"]
         logps = (out["log_probs"] * mask).sum(-1)
         if loss.loss_type == "ipo":

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.common.distributed import DistInfo, all_reduce_sum
-from posttrain.models.policy import Objective, nll_statistics
+from posttrain.models.policy import Objective, batch_log_probs, nll_statistics
 
 
 def loss_weights(response_mask: Tensor, normalization: str, denominator: Tensor | float) -> Tensor:
@@ -63,13 +63,7 @@ def token_weighted_nll_objective() -> Objective:
     0 on padding rows): `-sum(w * log p)` through the lean log-probs."""
 
     def objective(module: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        out = module(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
-            output="log_probs",
-            positions=batch["response_mask"] > 0,
-        )
+        out = batch_log_probs(module, batch)
         weights = batch["token_weights"]
         return -(out["log_probs"] * weights).sum(), {"num_response_tokens": (weights > 0).sum()}
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.common.devices import to_device
-from posttrain.models.policy import Objective
+from posttrain.models.policy import Objective, batch_log_probs
 from posttrain.primitives import build_rollout_batch
 from posttrain.rl import compute_policy_gradient_loss, kl_penalty
 from posttrain.rollouts.sampling import Rollout
@@ -91,13 +91,7 @@ def policy_gradient_objective(loss: Loss) -> Objective:
     (policy gradient, plus beta x KL) and its statistics."""
 
     def objective(module: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        out = module(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
-            output="log_probs",
-            positions=batch["response_mask"] > 0,
-        )
+        out = batch_log_probs(module, batch)
         log_probs = out["log_probs"]
         per_token, meta = compute_policy_gradient_loss(
             log_probs,

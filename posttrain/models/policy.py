@@ -175,6 +175,24 @@ Objective = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, Any
 ResponseLoss = PolicyModule
 
 
+def batch_log_probs(
+    module: nn.Module, batch: dict[str, Tensor], with_entropy: bool = False
+) -> dict[str, Tensor]:
+    """Per-token log-probs of `batch["labels"]` ("log_probs", and "token_entropy" with
+    `with_entropy`), each (batch, seq) float32, through a `PolicyModule` or its DDP/FSDP
+    wrapper. Only the response's positions (`batch["response_mask"] > 0`, where the batch
+    has one) go through the head; the rest read 0."""
+    positions = batch["response_mask"] > 0 if "response_mask" in batch else None
+    return module(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        output="log_probs",
+        with_entropy=with_entropy,
+        positions=positions,
+    )
+
+
 NLL_STATISTICS = ("nll_sum", "entropy_sum", "num_correct", "num_tokens", "num_input_tokens")
 
 
