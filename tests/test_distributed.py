@@ -154,27 +154,10 @@ LORA = {"lora_r": 4, "lora_dropout": 0.0, "lr": 1e-2}
 def grpo_args(root: Path, out: Path, **overrides: Any) -> list[str]:
     """A 3-step `posttrain grpo` run: 8 rollouts (2 questions x 4) per step, two optimizer
     updates of 4 (the second off-policy under grpo_clip), a KL penalty to the start."""
-    settings: dict[str, Any] = {
-        "model": str(root / "model"),
-        "train_file": str(root / "questions.jsonl"),
-        "reward": f"{root / 'reward.py'}:score",
-        "output_dir": str(out),
-        "max_steps": 3,
-        "rollout_batch_size": 8,
-        "group_size": 4,
-        "generation_batch_size": 4,
-        "train_batch_size": 4,
-        "micro_batch_size": 2,
-        "max_new_tokens": 6,
-        "loss_type": "grpo_clip",
-        "beta": 0.04,
-        "lr": 1e-2,
-        "precision": "fp32",
-        "num_threads": 1,
-        "progress": False,
-        **overrides,
-    }
-    return ["grpo", *cli_args(settings)[1:]]
+    from test_grpo_trainer import grpo_settings
+
+    clipped = {"loss_type": "grpo_clip", "beta": 0.04, **overrides}
+    return ["grpo", *cli_args(grpo_settings(root, out, **clipped))[1:]]
 
 
 def ei_args(root: Path, out: Path) -> list[str]:

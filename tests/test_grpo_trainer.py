@@ -49,8 +49,10 @@ def rl_dir(tmp_path_factory, workdir) -> Path:
     return root
 
 
-def grpo_config(root: Path, out: Path, **overrides: Any) -> GRPOConfig:
-    values: dict[str, Any] = {
+def grpo_settings(root: Path, out: Path, **overrides: Any) -> dict[str, Any]:
+    """A 3-step run on `rl_dir`'s questions: 8 rollouts (2 questions x 4) per step,
+    optimizer updates of 4 in micro-batches of 2 (also the base of test_distributed's)."""
+    return {
         "model": str(root / "model"),
         "train_file": str(root / "questions.jsonl"),
         "reward": f"{root / 'reward.py'}:score",
@@ -67,9 +69,12 @@ def grpo_config(root: Path, out: Path, **overrides: Any) -> GRPOConfig:
         "num_threads": 1,
         "progress": False,
         "seed": 0,
+        **overrides,
     }
-    values.update(overrides)
-    return GRPOConfig(**values)
+
+
+def grpo_config(root: Path, out: Path, **overrides: Any) -> GRPOConfig:
+    return GRPOConfig(**grpo_settings(root, out, **overrides))
 
 
 def test_grpo_runs_logs_and_writes_its_rollouts(rl_dir, tmp_path) -> None:
